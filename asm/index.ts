@@ -1,0 +1,4 @@
+// Entry file: re-exports only. Every export is described by WasmExports in ts/wasm/exports.ts.
+export { heapBase } from "./bytes";
+export { l2Lookup } from "./l2";
+export { firstNonZero, isZero, blockRun, copyBytes, fillBytes } from "./copy";

@@ -1,0 +1,61 @@
+// qcow2-img info [-f fmt] [--output=human|json] [--backing-chain] [-U] file
+
+import { NodeFileBackend } from "../io/node-file.js";
+import { Qcow2Image } from "../image/qcow2-image.js";
+import { formatInfoHuman, imageInfo, type QemuImageInfo } from "../ops/info.js";
+import { parseArgs, UsageError } from "./args.js";
+import { fullBackingPath, openDevice, parseFormat, type ImageFormat } from "./open.js";
+
+export const INFO_USAGE = "info [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename";
+
+async function describe(file: string, format: ImageFormat | undefined): Promise<{ info: QemuImageInfo; next?: { file: string; format: ImageFormat | undefined } }> {
+  // Like qemu-img info: the image alone, its backing file not opened.
+  const device = await openDevice(file, format, { backing: "none" });
+  try {
+    const stat = await NodeFileBackend.open(file, { readOnly: true });
+    const actualSize = await stat.allocatedSize();
+    await stat.close();
+    let fullBackingFilename: string | undefined;
+    let next: { file: string; format: ImageFormat | undefined } | undefined;
+    if (device instanceof Qcow2Image && device.header.backingFile !== undefined) {
+      fullBackingFilename = fullBackingPath(file, device.header.backingFile);
+      const fmt = device.header.extensions.backingFormat;
+      next = { file: fullBackingFilename, format: fmt === undefined ? undefined : parseFormat(fmt) };
+    }
+    const options = fullBackingFilename === undefined ? { filename: file, actualSize } : { filename: file, actualSize, fullBackingFilename };
+    return next ? { info: imageInfo(device, options), next } : { info: imageInfo(device, options) };
+  } finally {
+    await device.close();
+  }
+}
+
+export async function info(argv: string[], out: (text: string) => void): Promise<number> {
+  const args = parseArgs(argv, { withValue: ["-f", "--output"], flags: ["-U", "--force-share", "--backing-chain", "-h", "--help"] });
+  if (args.flags.has("-h") || args.flags.has("--help")) {
+    out(`usage: qcow2-img ${INFO_USAGE}\n`);
+    return 0;
+  }
+  if (args.positional.length !== 1) throw new UsageError("Expecting one image file name");
+  const output = args.values.get("--output") ?? "human";
+  if (output !== "human" && output !== "json") throw new UsageError(`--output must be used with human or json as argument.`);
+  const fmtArg = args.values.get("-f");
+  let current: { file: string; format: ImageFormat | undefined } | undefined = {
+    file: args.positional[0]!,
+    format: fmtArg === undefined ? undefined : parseFormat(fmtArg),
+  };
+  const chain: QemuImageInfo[] = [];
+  const seen = new Set<string>();
+  while (current) {
+    if (seen.has(current.file)) throw new Error(`Backing file '${current.file}' creates a loop`);
+    seen.add(current.file);
+    const { info, next } = await describe(current.file, current.format);
+    chain.push(info);
+    current = args.flags.has("--backing-chain") ? next : undefined;
+  }
+  if (output === "json") {
+    out(JSON.stringify(args.flags.has("--backing-chain") ? chain : chain[0], null, 4) + "\n");
+  } else {
+    out(chain.map(formatInfoHuman).join("\n"));
+  }
+  return 0;
+}

@@ -1,0 +1,55 @@
+#!/usr/bin/env node
+// qcow2-img: the qemu-img command line. One file per command.
+
+import "../node.js";
+import { Qcow2Error } from "../errors.js";
+import { UsageError } from "./args.js";
+import { info, INFO_USAGE } from "./info.js";
+
+type Command = (argv: string[], out: (text: string) => void) => Promise<number>;
+
+const commands: Record<string, { run: Command; usage: string }> = {
+  info: { run: info, usage: INFO_USAGE },
+};
+
+function help(): string {
+  return (
+    "qcow2-img: a qemu-img compatible tool for qcow2 images\n" +
+    "usage: qcow2-img [standard options] command [command options]\n\n" +
+    "Command syntax:\n" +
+    Object.values(commands)
+      .map((c) => `  ${c.usage}\n`)
+      .join("")
+  );
+}
+
+export async function main(argv: string[]): Promise<number> {
+  const out = (text: string): void => void process.stdout.write(text);
+  const [name, ...rest] = argv;
+  if (name === undefined || name === "-h" || name === "--help") {
+    out(help());
+    return name === undefined ? 1 : 0;
+  }
+  if (name === "-V" || name === "--version") {
+    out("qcow2-img version 0.1.0 (qcow2-wasm)\n");
+    return 0;
+  }
+  const command = commands[name];
+  if (!command) {
+    process.stderr.write(`qcow2-img: Command not found: ${name}\n`);
+    return 1;
+  }
+  try {
+    return await command.run(rest, out);
+  } catch (err) {
+    if (err instanceof UsageError) {
+      process.stderr.write(`qcow2-img: ${err.message}\nTry 'qcow2-img --help' for more information\n`);
+      return 1;
+    }
+    const message = err instanceof Qcow2Error || err instanceof Error ? err.message : String(err);
+    process.stderr.write(`qcow2-img: ${message}\n`);
+    return 1;
+  }
+}
+
+process.exitCode = await main(process.argv.slice(2));

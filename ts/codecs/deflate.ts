@@ -1,0 +1,49 @@
+// Compressed clusters, deflate flavour (docs/interop/qcow2.rst "Compressed Clusters Descriptor";
+// qemu block/qcow2-threads.c): raw deflate, no zlib header, written with a 4 KiB window.
+// qemu's rule for reading: the stream must produce one full cluster; bytes after the end of the
+// stream are ignored, and output past one cluster is never produced.
+
+import {
+  ZStream,
+  Z_BUF_ERROR,
+  Z_FINISH,
+  Z_STREAM_END,
+  zlibInflate,
+  zlibInflateInit2,
+  zlibInflateReset,
+} from "pako";
+
+export interface ClusterInflater {
+  /** Inflate raw deflate `src` into all of `dst`; false when the stream cannot fill `dst`. */
+  inflate(src: Uint8Array, dst: Uint8Array): boolean;
+}
+
+/**
+ * Portable inflater (pako's zlib port) writing straight into the caller's buffer. Window 15 accepts
+ * every stream qemu's window-12 inflate accepts, and a few more it would refuse.
+ */
+export class PakoInflater implements ClusterInflater {
+  private readonly strm = new ZStream();
+
+  constructor() {
+    zlibInflateInit2(this.strm, -15);
+  }
+
+  inflate(src: Uint8Array, dst: Uint8Array): boolean {
+    const strm = this.strm;
+    zlibInflateReset(strm);
+    strm.input = src;
+    strm.next_in = 0;
+    strm.avail_in = src.length;
+    strm.output = dst as Uint8Array<ArrayBuffer>;
+    strm.next_out = 0;
+    strm.avail_out = dst.length;
+    const ret = zlibInflate(strm, Z_FINISH);
+    const ok = (ret === Z_STREAM_END || ret === Z_BUF_ERROR) && strm.avail_out === 0;
+    strm.input = EMPTY;
+    strm.output = EMPTY;
+    return ok;
+  }
+}
+
+const EMPTY = new Uint8Array(0);

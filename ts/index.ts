@@ -1,0 +1,18 @@
+// qcow2-wasm core: runs anywhere WebAssembly does. Node extras are in "qcow2-wasm/node".
+export { Qcow2Error, Qcow2ErrorCode, isQcow2Error } from "./errors.js";
+export type { BlockBackend } from "./io/backend.js";
+export { readFully } from "./io/backend.js";
+export { MemoryBackend, type MemoryBackendOptions } from "./io/memory.js";
+export { BlobBackend } from "./io/blob.js";
+export {
+  Qcow2Image,
+  type OpenOptions,
+  type ImageInfo,
+  type BackingResolver,
+  type ReadableOptions,
+} from "./image/qcow2-image.js";
+export { RawDevice, type Extent, type ExtentKind, type GuestDevice } from "./image/device.js";
+export { parseHeader, probeHeader, type Qcow2Header, type HeaderExtensions } from "./format/header.js";
+export { compileWasm, preferredVariant, type WasmVariant } from "./wasm/core.js";
+export { registerPlatform, type Platform } from "./platform.js";
+export type { ClusterInflater } from "./codecs/deflate.js";

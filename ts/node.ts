@@ -1,0 +1,17 @@
+// Node entry: the core, plus file paths, node:zlib and the Node file backend.
+import path from "node:path";
+import { NodeFileBackend } from "./io/node-file.js";
+import { NodeZlibInflater } from "./codecs/node-zlib.js";
+import { registerPlatform } from "./platform.js";
+
+registerPlatform({
+  openFile: (file, { readOnly }) => NodeFileBackend.open(file, { readOnly }),
+  // qemu resolves a relative backing name against the directory of the image naming it.
+  resolveBackingPath: (backingFile, imageName) =>
+    path.isAbsolute(backingFile) ? backingFile : path.join(path.dirname(imageName), backingFile),
+  createInflater: () => new NodeZlibInflater(),
+});
+
+export * from "./index.js";
+export { NodeFileBackend, type NodeFileOptions } from "./io/node-file.js";
+export { NodeZlibInflater } from "./codecs/node-zlib.js";

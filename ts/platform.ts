@@ -1,0 +1,27 @@
+// What the platform entry points (./node, ./browser) plug into the core. The core itself imports no
+// platform module; `qcow2-wasm/node` fills these in when it is imported.
+
+import type { ClusterInflater } from "./codecs/deflate.js";
+import { PakoInflater } from "./codecs/deflate.js";
+import type { BlockBackend } from "./io/backend.js";
+
+export interface FileOpenOptions {
+  readOnly: boolean;
+}
+
+export interface Platform {
+  /** Open a path as a backend. */
+  openFile?: (path: string, options: FileOpenOptions) => Promise<BlockBackend>;
+  /** Resolve a backing file name against the name of the image that refers to it. */
+  resolveBackingPath?: (backingFile: string, imageName: string) => string;
+  /** A fresh inflater for compressed clusters. */
+  createInflater: () => ClusterInflater;
+}
+
+export const platform: Platform = {
+  createInflater: () => new PakoInflater(),
+};
+
+export function registerPlatform(overrides: Partial<Platform>): void {
+  Object.assign(platform, overrides);
+}

@@ -1,0 +1,37 @@
+// The typed face of asm/index.ts. Keep in step with asm/*.ts.
+
+export interface WasmExports {
+  readonly memory: WebAssembly.Memory;
+  heapBase(): number;
+  l2Lookup(
+    slotPtr: number,
+    startIndex: number,
+    count: number,
+    clusterBits: number,
+    flags: number,
+    outPtr: number,
+  ): number;
+  firstNonZero(ptr: number, len: number): number;
+  isZero(ptr: number, len: number): number;
+  blockRun(ptr: number, len: number, blockSize: number, zero: number): number;
+  copyBytes(dst: number, src: number, len: number): void;
+  fillBytes(dst: number, value: number, len: number): void;
+  _initialize?(): void;
+}
+
+// asm/l2.ts result record and constants.
+export const L2_TYPE_UNALLOCATED = 0;
+export const L2_TYPE_ZERO_PLAIN = 1;
+export const L2_TYPE_ZERO_ALLOC = 2;
+export const L2_TYPE_NORMAL = 3;
+export const L2_TYPE_COMPRESSED = 4;
+export const L2_TYPE_INVALID = 255;
+
+export const L2_INVALID_UNALIGNED = 1;
+export const L2_INVALID_ZERO_IN_V2 = 2;
+export const L2_INVALID_OFFSET_TOO_LARGE = 3;
+
+export const LOOKUP_ZERO_FLAG = 1;
+export const LOOKUP_SPLIT_COPIED = 2;
+
+export const L2_RESULT_SIZE = 32;
