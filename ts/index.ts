@@ -16,3 +16,5 @@ export { parseHeader, probeHeader, type Qcow2Header, type HeaderExtensions } fro
 export { compileWasm, preferredVariant, type WasmVariant } from "./wasm/core.js";
 export { registerPlatform, type Platform } from "./platform.js";
 export type { ClusterInflater } from "./codecs/deflate.js";
+export { map, mapEntries, toMapEntry, formatMapJson, type MapEntry, type MapOptions } from "./ops/map.js";
+export { imageInfo, formatInfoHuman, sizeToStr, type QemuImageInfo, type InfoOptions } from "./ops/info.js";
