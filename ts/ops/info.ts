@@ -44,22 +44,19 @@ export function imageInfo(device: GuestDevice, options: InfoOptions = {}): QemuI
     out["full-backing-filename"] = options.fullBackingFilename ?? info.backingFile;
     if (info.backingFormat !== undefined) out["backing-filename-format"] = info.backingFormat;
   }
-  const data: Record<string, unknown> =
-    info.version === 2
-      ? { compat: info.compat, "compression-type": info.compressionType, "refcount-bits": info.refcountBits }
-      : {
-          compat: info.compat,
-          "compression-type": info.compressionType,
-          "lazy-refcounts": info.lazyRefcounts,
-          "refcount-bits": info.refcountBits,
-          corrupt: info.corrupt,
-          "extended-l2": info.extendedL2,
-        };
+  // qemu-img 7.2's order (its QDict's), which its human output follows too.
+  const data: Record<string, unknown> = { compat: info.compat, "compression-type": info.compressionType };
+  if (info.version === 3) data["lazy-refcounts"] = info.lazyRefcounts;
+  data["refcount-bits"] = info.refcountBits;
+  if (info.encryption !== "none") data.encrypt = { format: info.encryption };
   if (info.dataFile !== undefined) {
     data["data-file"] = info.dataFile;
     data["data-file-raw"] = info.dataFileRaw;
   }
-  if (info.encryption !== "none") data.encrypt = { format: info.encryption };
+  if (info.version === 3) {
+    data.corrupt = info.corrupt;
+    data["extended-l2"] = info.extendedL2;
+  }
   out["format-specific"] = { type: "qcow2", data };
   return out;
 }
