@@ -4,10 +4,16 @@
 // A slot address is only good until the next await: callers take it from `get()` and use it
 // synchronously. Loads read into a JS buffer and copy into the slot after the await, so a memory
 // grow during the read cannot leave a detached view behind.
+//
+// Recency is a doubly linked list over slot indexes (O(1) per hit and per eviction: images with
+// 512-byte clusters have tens of thousands of slots). Slots being loaded are off the list, so they
+// are never chosen for eviction.
 
 import type { WasmCore } from "../wasm/core.js";
 
 export type L2Loader = (dst: Uint8Array, l2Offset: number) => Promise<void>;
+
+const NONE = -1;
 
 export class L2Cache {
   readonly slotCount: number;
@@ -15,13 +21,17 @@ export class L2Cache {
   private readonly clusterSize: number;
   private readonly base: number;
   private readonly loader: L2Loader;
-  /** l2Offset of the table in each slot, or -1. */
-  private readonly owner: Float64Array;
-  /** Use stamp per slot for LRU; 0 while loading (never evicted then). */
-  private readonly stamp: Float64Array;
   private readonly slotOf = new Map<number, number>();
   private readonly loading = new Map<number, Promise<void>>();
-  private clock = 1;
+  /** l2Offset held by each slot, or -1. */
+  private readonly owner: Float64Array;
+  private readonly prev: Int32Array;
+  private readonly next: Int32Array;
+  /** Most and least recently used slots on the list. */
+  private head = NONE;
+  private tail = NONE;
+  /** Slots never used yet are handed out in order before anything is evicted. */
+  private unused = 0;
 
   constructor(core: WasmCore, clusterSize: number, slotCount: number, loader: L2Loader) {
     this.core = core;
@@ -30,14 +40,18 @@ export class L2Cache {
     this.loader = loader;
     this.base = core.reserve(slotCount * clusterSize, 64);
     this.owner = new Float64Array(slotCount).fill(-1);
-    this.stamp = new Float64Array(slotCount);
+    this.prev = new Int32Array(slotCount).fill(NONE);
+    this.next = new Int32Array(slotCount).fill(NONE);
   }
 
-  /** Slot address holding the table at `l2Offset` if cached, else -1. Marks it recently used. */
+  /** Slot address holding the table at `l2Offset` if cached and loaded, else -1. Marks it used. */
   peek(l2Offset: number): number {
     const slot = this.slotOf.get(l2Offset);
-    if (slot === undefined || this.stamp[slot] === 0) return -1;
-    this.stamp[slot] = this.clock++;
+    if (slot === undefined || this.loading.has(l2Offset)) return -1;
+    if (slot !== this.head) {
+      this.unlink(slot);
+      this.pushHead(slot);
+    }
     return this.base + slot * this.clusterSize;
   }
 
@@ -51,58 +65,82 @@ export class L2Cache {
   }
 
   private load(l2Offset: number): Promise<void> {
-    const pending = this.fill(l2Offset).finally(() => this.loading.delete(l2Offset));
+    const pending = this.fill(l2Offset);
     this.loading.set(l2Offset, pending);
     return pending;
   }
 
   private async fill(l2Offset: number): Promise<void> {
-    let slot = this.victim();
-    while (slot < 0) {
-      await Promise.race(this.loading.values());
-      slot = this.victim();
+    // Claim a slot synchronously, before any await, so concurrent loads never share one.
+    let slot = this.claim();
+    while (slot === NONE) {
+      await Promise.race(this.loading.values()).catch(() => undefined);
+      slot = this.claim();
     }
-    const previous = this.owner[slot]!;
-    if (previous >= 0) this.slotOf.delete(previous);
     this.owner[slot] = l2Offset;
-    this.stamp[slot] = 0;
     this.slotOf.set(l2Offset, slot);
     const table = new Uint8Array(this.clusterSize);
     try {
       await this.loader(table, l2Offset);
+      this.core.u8().set(table, this.base + slot * this.clusterSize);
+      this.pushHead(slot);
     } catch (err) {
       this.slotOf.delete(l2Offset);
       this.owner[slot] = -1;
-      this.stamp[slot] = 1;
+      this.pushTail(slot);
       throw err;
+    } finally {
+      this.loading.delete(l2Offset);
     }
-    this.core.u8().set(table, this.base + slot * this.clusterSize);
-    this.stamp[slot] = this.clock++;
   }
 
-  /** Least recently used slot that is not loading, or -1 when every slot is loading. */
-  private victim(): number {
-    let best = -1;
-    let bestStamp = Infinity;
-    for (let i = 0; i < this.slotCount; i++) {
-      const s = this.stamp[i]!;
-      if (this.owner[i] === -1) return i;
-      if (s !== 0 && s < bestStamp) {
-        best = i;
-        bestStamp = s;
-      }
-    }
-    return best;
+  /** A slot to fill: a never-used one, else the least recently used (taken off the list). */
+  private claim(): number {
+    if (this.unused < this.slotCount) return this.unused++;
+    const slot = this.tail;
+    if (slot === NONE) return NONE;
+    this.unlink(slot);
+    const previous = this.owner[slot]!;
+    if (previous >= 0) this.slotOf.delete(previous);
+    this.owner[slot] = -1;
+    return slot;
   }
 
-  /** Forget every cached table (after the L1 or L2 tables were changed behind the cache's back). */
+  private unlink(slot: number): void {
+    const p = this.prev[slot]!;
+    const n = this.next[slot]!;
+    if (p !== NONE) this.next[p] = n;
+    else this.head = n;
+    if (n !== NONE) this.prev[n] = p;
+    else this.tail = p;
+    this.prev[slot] = NONE;
+    this.next[slot] = NONE;
+  }
+
+  private pushHead(slot: number): void {
+    this.prev[slot] = NONE;
+    this.next[slot] = this.head;
+    if (this.head !== NONE) this.prev[this.head] = slot;
+    this.head = slot;
+    if (this.tail === NONE) this.tail = slot;
+  }
+
+  private pushTail(slot: number): void {
+    this.next[slot] = NONE;
+    this.prev[slot] = this.tail;
+    if (this.tail !== NONE) this.next[this.tail] = slot;
+    this.tail = slot;
+    if (this.head === NONE) this.head = slot;
+  }
+
+  /** Forget every loaded table (after tables were changed behind the cache's back). */
   clear(): void {
-    for (let i = 0; i < this.slotCount; i++) {
-      if (this.stamp[i] !== 0) {
-        this.owner[i] = -1;
-        this.stamp[i] = 1;
-      }
+    for (const [offset, slot] of this.slotOf) {
+      if (this.loading.has(offset)) continue;
+      this.slotOf.delete(offset);
+      this.owner[slot] = -1;
+      this.unlink(slot);
+      this.pushTail(slot);
     }
-    for (const [offset, slot] of this.slotOf) if (this.owner[slot] === -1) this.slotOf.delete(offset);
   }
 }
