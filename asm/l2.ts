@@ -112,7 +112,8 @@ export function l2Lookup(
     if (classify(entry, flags) != type) break;
     if (splitCopied && (entry & QCOW_OFLAG_COPIED ? 1 : 0) != copied) break;
     if (allocated) {
-      if ((entry & L2E_OFFSET_MASK) != expected) break;
+      // A run must not carry a host offset past 2^53 to JS; that entry is reported on its own.
+      if ((entry & L2E_OFFSET_MASK) != expected || expected >= MAX_JS_OFFSET) break;
       expected += clusterSize;
     }
     n++;
