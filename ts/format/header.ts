@@ -97,10 +97,26 @@ function bad(message: string): Qcow2Error {
   return new Qcow2Error(Qcow2ErrorCode.BAD_HEADER, message);
 }
 
-function checkTableOffset(field: string, offset: number, clusterSize: number): void {
-  if (!Number.isFinite(offset)) throw bad(`${field} is at or past 2^53`);
+/** A u64 field in hex for messages, exact even where the number form is Infinity (at or past 2^53). */
+function u64Hex(dv: DataView, pos: number): string {
+  return hex(getU64Big(dv, pos));
+}
+
+function checkTableOffset(
+  field: string,
+  dv: DataView,
+  pos: number,
+  offset: number,
+  tableBytes: number,
+  clusterSize: number,
+): void {
+  if (!Number.isFinite(offset)) throw bad(`${field} ${u64Hex(dv, pos)} is at or past 2^53`);
   if (offset % clusterSize !== 0) {
     throw bad(`${field} ${hex(offset)} is not aligned to the cluster size ${clusterSize}`);
+  }
+  // Reads of the table must stay addressable as JS numbers (qemu's bound is INT64_MAX).
+  if (offset + tableBytes > Number.MAX_SAFE_INTEGER) {
+    throw bad(`${field} ${hex(offset)} + ${tableBytes} bytes of table ends past 2^53`);
   }
 }
 
@@ -176,7 +192,7 @@ export function parseHeader(cluster0: Uint8Array): Qcow2Header {
     throw bad(`refcount_order ${refcountOrder} exceeds 6 (refcounts are at most 64 bits wide)`);
   }
   if (!Number.isFinite(size)) {
-    throw new Qcow2Error(Qcow2ErrorCode.LIMIT_EXCEEDED, `size is at or past 2^53 bytes, beyond what this library addresses`);
+    throw new Qcow2Error(Qcow2ErrorCode.LIMIT_EXCEEDED, `size ${u64Hex(dv, 24)} is at or past 2^53 bytes, beyond what this library addresses`);
   }
   if (cryptMethod > CRYPT_LUKS) throw bad(`crypt_method ${cryptMethod} is unknown (0 none, 1 AES, 2 LUKS)`);
 
@@ -205,7 +221,7 @@ export function parseHeader(cluster0: Uint8Array): Qcow2Header {
   if (l1Size < l1Needed) {
     throw bad(`l1_size ${l1Size} is too small for size ${size} (needs ${l1Needed} entries)`);
   }
-  checkTableOffset("l1_table_offset", l1TableOffset, clusterSize);
+  checkTableOffset("l1_table_offset", dv, 40, l1TableOffset, l1Size * 8, clusterSize);
   if (l1Size > 0 && l1TableOffset === 0) throw bad(`l1_table_offset is 0 (inside the header) with l1_size ${l1Size}`);
 
   if (refcountTableClusters * clusterSize > QCOW_MAX_REFTABLE_SIZE) {
@@ -214,7 +230,9 @@ export function parseHeader(cluster0: Uint8Array): Qcow2Header {
       `refcount_table_clusters ${refcountTableClusters} (${refcountTableClusters * clusterSize} bytes) exceeds the ${QCOW_MAX_REFTABLE_SIZE / 1048576} MiB limit`,
     );
   }
-  checkTableOffset("refcount_table_offset", refcountTableOffset, clusterSize);
+  // qemu: "Image does not contain a reference count table" (only `check` opens such images).
+  if (refcountTableClusters === 0) throw bad(`refcount_table_clusters is 0 (no refcount table)`);
+  checkTableOffset("refcount_table_offset", dv, 48, refcountTableOffset, refcountTableClusters * clusterSize, clusterSize);
   if (refcountTableOffset === 0) throw bad(`refcount_table_offset is 0 (inside the header)`);
 
   if (nbSnapshots > QCOW_MAX_SNAPSHOTS) {
@@ -223,7 +241,8 @@ export function parseHeader(cluster0: Uint8Array): Qcow2Header {
       `nb_snapshots ${nbSnapshots} exceeds the limit of ${QCOW_MAX_SNAPSHOTS}`,
     );
   }
-  checkTableOffset("snapshots_offset", snapshotsOffset, clusterSize);
+  // 40 bytes is the fixed part of a snapshot table entry (qemu's QCowSnapshotHeader).
+  checkTableOffset("snapshots_offset", dv, 64, snapshotsOffset, nbSnapshots * 40, clusterSize);
   if (nbSnapshots > 0 && snapshotsOffset === 0) {
     throw bad(`snapshots_offset is 0 (inside the header) with nb_snapshots ${nbSnapshots}`);
   }
@@ -235,7 +254,7 @@ export function parseHeader(cluster0: Uint8Array): Qcow2Header {
     }
     if (backingFileOffset < headerLength || backingFileOffset + backingFileSize > clusterSize) {
       throw bad(
-        `backing file name at ${hex(backingFileOffset)} (+${backingFileSize}) is not inside cluster 0 after the header`,
+        `backing file name at ${u64Hex(dv, 8)} (+${backingFileSize}) is not inside cluster 0 after the header`,
       );
     }
   }
@@ -278,6 +297,8 @@ function badExt(message: string): Qcow2Error {
 
 function extName(type: number): string {
   switch (type) {
+    case EXT_END:
+      return "end marker";
     case EXT_BACKING_FORMAT:
       return "backing format";
     case EXT_FEATURE_TABLE:
@@ -304,17 +325,22 @@ function parseExtensions(
   const result: HeaderExtensions = { featureNames: [], unknown: [], order: [] };
   const seen = new Set<number>();
   let pos = start;
-  // A v2 image may have no extension area at all: qemu stops when fewer than 8 bytes remain.
-  while (pos + 8 <= end) {
+  // A v2 image may have no extension area at all (the backing name right at 72). Otherwise, like
+  // qemu, every extension header must fit: 1..7 bytes left before `end` is "too large" there too.
+  while (pos < end) {
+    if (end - pos < 8) {
+      throw badExt(`header extension at ${hex(pos)} does not fit in the ${end - pos} bytes before ${hex(end)}`);
+    }
     const type = dv.getUint32(pos);
     const length = dv.getUint32(pos + 4);
-    if (type === EXT_END) return result;
     const dataStart = pos + 8;
+    // Checked before the end marker, as qemu does: an end marker with a length past the area is refused.
     if (length > end - dataStart) {
       throw badExt(
         `header extension ${extName(type)} at ${hex(pos)} has length ${length}, past the end of its area at ${hex(end)}`,
       );
     }
+    if (type === EXT_END) return result;
     if (seen.has(type)) throw badExt(`header extension ${extName(type)} appears twice (at ${hex(pos)})`);
     seen.add(type);
     result.order.push(type);
@@ -353,11 +379,11 @@ function parseExtensions(
         if (bitmapDirectorySize > QCOW2_MAX_BITMAP_DIRECTORY_SIZE) {
           throw new Qcow2Error(
             Qcow2ErrorCode.LIMIT_EXCEEDED,
-            `bitmap_directory_size ${bitmapDirectorySize} exceeds ${QCOW2_MAX_BITMAP_DIRECTORY_SIZE}`,
+            `bitmap_directory_size ${getU64Big(edv, 8)} exceeds ${QCOW2_MAX_BITMAP_DIRECTORY_SIZE}`,
           );
         }
         if (!Number.isFinite(bitmapDirectoryOffset) || bitmapDirectoryOffset % clusterSize !== 0) {
-          throw badExt(`bitmap_directory_offset ${hex(bitmapDirectoryOffset)} is not cluster aligned`);
+          throw badExt(`bitmap_directory_offset ${u64Hex(edv, 16)} is not cluster aligned`);
         }
         result.bitmaps = { nbBitmaps, bitmapDirectorySize, bitmapDirectoryOffset };
         break;
@@ -370,9 +396,9 @@ function parseExtensions(
         const offset = getU64(edv, 0);
         const cryptoLength = getU64(edv, 8);
         if (!Number.isFinite(offset) || offset % clusterSize !== 0) {
-          throw badExt(`encryption header offset ${hex(offset)} is not cluster aligned`);
+          throw badExt(`encryption header offset ${u64Hex(edv, 0)} is not cluster aligned`);
         }
-        if (!Number.isFinite(cryptoLength)) throw badExt(`encryption header length is at or past 2^53`);
+        if (!Number.isFinite(cryptoLength)) throw badExt(`encryption header length ${u64Hex(edv, 8)} is at or past 2^53`);
         result.cryptoHeader = { offset, length: cryptoLength };
         break;
       }

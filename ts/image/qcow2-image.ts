@@ -35,7 +35,7 @@ import {
   LOOKUP_ZERO_FLAG,
 } from "../wasm/exports.js";
 import { RawDevice, readClipped, type Extent, type GuestDevice } from "./device.js";
-import { L2Cache } from "./l2-cache.js";
+import { TableCache } from "./table-cache.js";
 
 /** Opens the backing file named `backingFile` by the image called `imageName`. */
 export type BackingResolver = (backingFile: string, imageName: string) => Promise<BlockBackend>;
@@ -123,7 +123,7 @@ export class Qcow2Image implements GuestDevice {
   readonly backing: GuestDevice | undefined;
   private readonly l1: L1Table;
   private readonly core: WasmCore;
-  private readonly l2Cache: L2Cache;
+  private readonly l2Cache: TableCache;
   private readonly l2Entries: number;
   private readonly l1Span: number;
   private readonly lookupFlags: number;
@@ -155,7 +155,10 @@ export class Qcow2Image implements GuestDevice {
     this.lookupFlags = header.version >= 3 ? LOOKUP_ZERO_FLAG : 0;
     const tablesNeeded = Math.max(1, Math.ceil(header.size / this.l1Span));
     const slots = Math.max(MIN_L2_SLOTS, Math.min(tablesNeeded, Math.floor(l2CacheSize / this.clusterSize)));
-    this.l2Cache = new L2Cache(core, this.clusterSize, slots, (dst, l2Offset) => readFully(backend, dst, l2Offset));
+    this.l2Cache = new TableCache(core, this.clusterSize, slots, {
+      load: (dst, l2Offset) => readFully(backend, dst, l2Offset),
+      store: () => Promise.reject(new Error("read-only image has no dirty L2 tables")),
+    });
   }
 
   /** @internal Opens one image of a chain; `chain` says how deep and what is above it. */
@@ -279,6 +282,10 @@ export class Qcow2Image implements GuestDevice {
       switch (r.type) {
         case L2_TYPE_NORMAL:
           this.assertReadable(g);
+          // The lookup bounds the run's first cluster below 2^53, not the end of the run.
+          if (r.hostOffset + inCluster + bytes > Number.MAX_SAFE_INTEGER) {
+            throw this.invalidEntry(l1Index, l2Offset, l2Index, L2_INVALID_OFFSET_TOO_LARGE, r.hostOffset);
+          }
           await readFully(this.backend, part, r.hostOffset + inCluster);
           break;
         case L2_TYPE_ZERO_PLAIN:
@@ -314,7 +321,7 @@ export class Qcow2Image implements GuestDevice {
       reason === L2_INVALID_UNALIGNED
         ? `cluster offset ${hex(hostOffset)} is not aligned to the cluster size ${this.clusterSize}`
         : reason === L2_INVALID_OFFSET_TOO_LARGE
-          ? `host offset is at or past 2^53`
+          ? `host offset${hostOffset > 0 ? ` ${hex(hostOffset)}` : ""} (with the bytes it maps) reaches 2^53`
           : `zero flag set in a version ${this.header.version} image (only v3 has zero clusters)`;
     return new Qcow2Error(Qcow2ErrorCode.CORRUPT, `${this.name}: ${where}: ${why}`);
   }
@@ -328,8 +335,12 @@ export class Qcow2Image implements GuestDevice {
         `${this.name}: L2 table offset ${hex(offset)} at L1 index ${l1Index} is not aligned to the cluster size ${this.clusterSize}`,
       );
     }
-    if (offset >= 2 ** 53) {
-      throw new Qcow2Error(Qcow2ErrorCode.CORRUPT, `${this.name}: L2 table offset at L1 index ${l1Index} is at or past 2^53`);
+    // The whole table must be addressable: a table at 2^53 - cluster_size would end past 2^53.
+    if (offset + this.clusterSize > Number.MAX_SAFE_INTEGER) {
+      throw new Qcow2Error(
+        Qcow2ErrorCode.CORRUPT,
+        `${this.name}: L2 table offset ${hex(offset)} at L1 index ${l1Index} ends past 2^53`,
+      );
     }
     return offset;
   }
