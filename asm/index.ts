@@ -2,3 +2,4 @@
 export { heapBase } from "./bytes";
 export { l2Lookup } from "./l2";
 export { firstNonZero, isZero, blockRun, copyBytes, fillBytes } from "./copy";
+export { refcountGet, refcountSet, refcountFindZero, refcountZeroRun } from "./refcount";

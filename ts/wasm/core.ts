@@ -63,6 +63,7 @@ export class WasmCore {
   private view: Uint8Array<ArrayBuffer>;
   private f64: Float64Array<ArrayBuffer>;
   private u32: Uint32Array<ArrayBuffer>;
+  private dv: DataView<ArrayBuffer>;
   private readonly resultPtr: number;
   readonly result: L2LookupResult = { type: 0, invalidReason: 0, hostOffset: 0, compressedSize: 0, copied: false };
 
@@ -73,6 +74,7 @@ export class WasmCore {
     this.view = new Uint8Array(exports.memory.buffer);
     this.f64 = new Float64Array(exports.memory.buffer);
     this.u32 = new Uint32Array(exports.memory.buffer);
+    this.dv = new DataView(exports.memory.buffer);
     this.resultPtr = this.reserve(L2_RESULT_SIZE);
   }
 
@@ -105,8 +107,15 @@ export class WasmCore {
       this.view = new Uint8Array(buffer);
       this.f64 = new Float64Array(buffer);
       this.u32 = new Uint32Array(buffer);
+      this.dv = new DataView(buffer);
     }
     return this.view;
+  }
+
+  /** A DataView of all of linear memory (big-endian table entries are read and written through it). */
+  dataView(): DataView<ArrayBuffer> {
+    this.u8();
+    return this.dv;
   }
 
   /** A fresh view of [ptr, ptr + length). */

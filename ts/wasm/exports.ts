@@ -16,6 +16,10 @@ export interface WasmExports {
   blockRun(ptr: number, len: number, blockSize: number, zero: number): number;
   copyBytes(dst: number, src: number, len: number): void;
   fillBytes(dst: number, value: number, len: number): void;
+  refcountGet(ptr: number, index: number, order: number): number;
+  refcountSet(ptr: number, index: number, order: number, value: number): void;
+  refcountFindZero(ptr: number, entries: number, order: number, start: number): number;
+  refcountZeroRun(ptr: number, entries: number, order: number, start: number, max: number): number;
   _initialize?(): void;
 }
 
