@@ -648,10 +648,20 @@ describe("feature bits at open", () => {
     expect(await image.read(0, 4096)).toEqual(new Uint8Array(4096));
   });
 
-  it("readOnly: false → NOT_SUPPORTED", async () => {
+  it("readOnly: false on a read-only backend → READ_ONLY", async () => {
     const err = await caughtAsync(() => open(V3_VALID, { readOnly: false, backing: "none" }));
-    expect(err.code).toBe("NOT_SUPPORTED");
+    expect(err.code).toBe("READ_ONLY");
     expect(err.message).toMatch(/read-write/);
+  });
+
+  it.each([
+    ["corrupt bit", 0x02, "CORRUPT", /marked corrupt; it can only be opened read-only/],
+    ["dirty bit", 0x01, "NOT_SUPPORTED", /dirty .*rebuilding its refcounts is not supported yet/],
+  ] as const)("the %s refuses a read-write open", async (_label, value, code, message) => {
+    const bytes = withByte(V3_VALID, 79, value);
+    const err = await caughtAsync(() => Qcow2Image.open(new MemoryBackend(bytes), { readOnly: false, backing: "none" }));
+    expect(err.code).toBe(code);
+    expect(err.message).toMatch(message);
   });
 
   it("unknown compatible and autoclear bits are accepted", async () => {

@@ -176,10 +176,11 @@ describeQemu("reads, ranges and errors", () => {
     expect((await image.read(65536, 512)).every((b) => b === 0)).toBe(true);
   });
 
-  it("refuses read-write opens until the write engine exists, and use after close", async () => {
+  it("refuses writes to a read-only image, and use after close", async () => {
     qemuImg(["create", "-f", "qcow2", at("rw.qcow2"), "1M"]);
-    const err = await Qcow2Image.open(at("rw.qcow2"), { readOnly: false }).catch((e: unknown) => e);
-    expect(code(err)).toBe("NOT_SUPPORTED");
+    await using ro = await Qcow2Image.open(at("rw.qcow2"));
+    expect(code(await ro.write(0, new Uint8Array(1)).catch((e: unknown) => e))).toBe("READ_ONLY");
+    expect(code(await ro.discard(0, 65536).catch((e: unknown) => e))).toBe("READ_ONLY");
     const image = await Qcow2Image.open(at("rw.qcow2"));
     await image.close();
     await image.close();

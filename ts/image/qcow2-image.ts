@@ -17,38 +17,40 @@ import {
   AUTOCLEAR_DATA_FILE_RAW,
   MAX_BACKING_CHAIN_DEPTH,
   QCOW_MAGIC,
+  QCOW2_AUTOCLEAR_MASK,
 } from "../format/constants.js";
 import { HEADER_PROBE_SIZE, featureBits, featureName, parseHeader, probeHeader, type Qcow2Header } from "../format/header.js";
 import { L1Table } from "../format/l1.js";
+import { ClusterMap, type Run } from "./cluster-map.js";
+import { Refcounts } from "./refcounts.js";
 import type { ClusterInflater } from "../codecs/deflate.js";
 import { platform } from "../platform.js";
 import { WasmCore, type WasmVariant } from "../wasm/core.js";
 import {
-  L2_INVALID_OFFSET_TOO_LARGE,
-  L2_INVALID_UNALIGNED,
   L2_TYPE_COMPRESSED,
-  L2_TYPE_INVALID,
   L2_TYPE_NORMAL,
   L2_TYPE_UNALLOCATED,
   L2_TYPE_ZERO_ALLOC,
   L2_TYPE_ZERO_PLAIN,
+  LOOKUP_SPLIT_COPIED,
   LOOKUP_ZERO_FLAG,
 } from "../wasm/exports.js";
 import { RawDevice, readClipped, type Extent, type GuestDevice } from "./device.js";
-import { TableCache } from "./table-cache.js";
 
 /** Opens the backing file named `backingFile` by the image called `imageName`. */
 export type BackingResolver = (backingFile: string, imageName: string) => Promise<BlockBackend>;
 
 export interface OpenOptions {
-  /** Only read-only opens exist until the write engine lands; `false` is refused. */
+  /** Default true. `false` opens for writing; backing files are always opened read-only. */
   readOnly?: boolean;
   /** "open" (default) follows the backing chain; "none" reads unallocated clusters as zeros, like qemu -u. */
   backing?: "open" | "none";
   /** Replaces the platform's way of opening backing files (Node: a path relative to the image). */
   resolveBacking?: BackingResolver;
-  /** Format of the backing file when the image does not record one: qemu probes, so do we by default. */
+  /** Bytes of L2 tables to cache (default 32 MiB, as qemu on Linux; never less than 16 tables). */
   l2CacheSize?: number;
+  /** Bytes of refcount blocks to cache when writable (default 4 MiB; never less than 16 blocks). */
+  refcountCacheSize?: number;
   /** Force the scalar or SIMD WebAssembly build. */
   wasm?: WasmVariant;
 }
@@ -94,7 +96,7 @@ export interface ImageInfo {
   bitmaps?: { nbBitmaps: number; bitmapDirectorySize: number; bitmapDirectoryOffset: number };
   cryptoHeader?: { offset: number; length: number };
   unknownExtensions: { type: number; length: number }[];
-  /** Length of the image file in bytes. */
+  /** Length of the image file in bytes (as of open or the last flush). */
   fileSize: number;
 }
 
@@ -105,8 +107,15 @@ export interface ReadableOptions {
   chunkSize?: number;
 }
 
+export interface WriteZeroesOptions {
+  /** Let whole clusters be deallocated rather than kept allocated and flagged zero (qemu's MAY_UNMAP). */
+  mayUnmap?: boolean;
+}
+
 const DEFAULT_L2_CACHE_SIZE = 32 * 1024 * 1024;
-const MIN_L2_SLOTS = 16;
+const DEFAULT_REFCOUNT_CACHE_SIZE = 4 * 1024 * 1024;
+/** Zero-writes and COW fills go out in pieces of at most this many bytes. */
+const ZERO_CHUNK = 1 << 20;
 
 function cryptName(method: number): "none" | "aes" | "luks" {
   return method === CRYPT_AES ? "aes" : method === CRYPT_LUKS ? "luks" : "none";
@@ -118,56 +127,42 @@ export class Qcow2Image implements GuestDevice {
   readonly header: Qcow2Header;
   readonly clusterSize: number;
   readonly clusterBits: number;
-  readonly readOnly = true;
+  readonly readOnly: boolean;
   /** The next image down the chain, if any and if opened. */
   readonly backing: GuestDevice | undefined;
-  private readonly l1: L1Table;
-  private readonly core: WasmCore;
-  private readonly l2Cache: TableCache;
-  private readonly l2Entries: number;
-  private readonly l1Span: number;
+  private readonly map: ClusterMap;
   private readonly lookupFlags: number;
-  private readonly fileSize: number;
   private inflater: ClusterInflater | undefined;
   /** The last cluster inflated, for reads that take a compressed cluster piece by piece. */
   private inflated: { hostOffset: number; data: Uint8Array } | undefined;
+  /** Reads in flight: freed clusters are not reused while a read that may still use them runs. */
+  private readonly reads = new Set<Promise<void>>();
+  /** Header bits that must change before the first write have been written. */
+  private writeStarted = false;
+  /** Length of the image file, as of open or the last flush. */
+  private fileSize: number;
   private closed = false;
 
-  private constructor(
-    backend: BlockBackend,
-    header: Qcow2Header,
-    l1: L1Table,
-    core: WasmCore,
-    l2CacheSize: number,
-    backing: GuestDevice | undefined,
-    fileSize: number,
-  ) {
+  private constructor(backend: BlockBackend, header: Qcow2Header, map: ClusterMap, backing: GuestDevice | undefined, fileSize: number) {
     this.backend = backend;
+    this.fileSize = fileSize;
     this.header = header;
     this.clusterBits = header.clusterBits;
     this.clusterSize = 2 ** header.clusterBits;
-    this.l2Entries = this.clusterSize / 8;
-    this.l1Span = this.clusterSize * this.l2Entries;
-    this.l1 = l1;
-    this.core = core;
+    this.map = map;
     this.backing = backing;
-    this.fileSize = fileSize;
+    this.readOnly = map.refcounts === undefined;
     this.lookupFlags = header.version >= 3 ? LOOKUP_ZERO_FLAG : 0;
-    const tablesNeeded = Math.max(1, Math.ceil(header.size / this.l1Span));
-    const slots = Math.max(MIN_L2_SLOTS, Math.min(tablesNeeded, Math.floor(l2CacheSize / this.clusterSize)));
-    this.l2Cache = new TableCache(core, this.clusterSize, slots, {
-      load: (dst, l2Offset) => readFully(backend, dst, l2Offset),
-      store: () => Promise.reject(new Error("read-only image has no dirty L2 tables")),
-    });
   }
 
   /** @internal Opens one image of a chain; `chain` says how deep and what is above it. */
   static async openAt(target: BlockBackend | string, options: OpenOptions, chain: ChainState): Promise<Qcow2Image> {
-    if (options.readOnly === false) {
-      throw new Qcow2Error(Qcow2ErrorCode.NOT_SUPPORTED, `open: read-write opens are not supported yet (the write engine is not built)`);
-    }
-    const backend = await resolveBackend(target, true);
+    const readOnly = options.readOnly ?? true;
+    const backend = await resolveBackend(target, readOnly);
     try {
+      if (!readOnly && backend.readOnly) {
+        throw new Qcow2Error(Qcow2ErrorCode.READ_ONLY, `${backend.name}: cannot open read-write: the backend is read-only`);
+      }
       const fileSize = await backend.size();
       const probe = new Uint8Array(HEADER_PROBE_SIZE);
       await readFully(backend, probe, 0);
@@ -176,22 +171,48 @@ export class Qcow2Image implements GuestDevice {
       await readFully(backend, cluster0, 0);
       const header = parseHeader(cluster0);
       refuseFeatures(header, backend.name);
+      if (!readOnly) refuseWrites(header, backend.name);
 
       const l1 = new L1Table(header.l1Size);
       await readFully(backend, l1.bytes, header.l1TableOffset);
 
-      const backing = await openBacking(header, backend.name, options, chain);
+      const backing = await openBacking(header, backend.name, { ...options, readOnly: true }, chain);
       try {
         const core = await WasmCore.create(options.wasm);
-        return new Qcow2Image(
+        const refcounts = readOnly
+          ? undefined
+          : await Refcounts.open({
+              backend,
+              core,
+              clusterBits,
+              refcountOrder: header.refcountOrder,
+              tableOffset: header.refcountTableOffset,
+              tableClusters: header.refcountTableClusters,
+              cacheSize: options.refcountCacheSize ?? DEFAULT_REFCOUNT_CACHE_SIZE,
+              writeTablePointer: async (tableOffset, tableClusters) => {
+                const bytes = new Uint8Array(12);
+                const dv = new DataView(bytes.buffer);
+                dv.setUint32(0, Math.floor(tableOffset / 0x100000000));
+                dv.setUint32(4, tableOffset >>> 0);
+                dv.setUint32(8, tableClusters);
+                await backend.write(bytes, 48);
+                await backend.flush();
+                header.refcountTableOffset = tableOffset;
+                header.refcountTableClusters = tableClusters;
+              },
+            });
+        const map = new ClusterMap({
+          name: backend.name,
           backend,
-          header,
-          l1,
           core,
-          options.l2CacheSize ?? DEFAULT_L2_CACHE_SIZE,
-          backing,
-          fileSize,
-        );
+          clusterBits,
+          version: header.version,
+          l1,
+          l1TableOffset: header.l1TableOffset,
+          l2CacheSize: options.l2CacheSize ?? DEFAULT_L2_CACHE_SIZE,
+          ...(refcounts ? { refcounts } : {}),
+        });
+        return new Qcow2Image(backend, header, map, backing, fileSize);
       } catch (err) {
         await backing?.close();
         throw err;
@@ -219,19 +240,28 @@ export class Qcow2Image implements GuestDevice {
     await this.close();
   }
 
-  /** Close the image and its backing chain. */
+  /** Flush (when writable), then close the image and its backing chain. */
   async close(): Promise<void> {
     if (this.closed) return;
-    this.closed = true;
     try {
-      await this.backing?.close();
+      if (!this.readOnly) await this.flush();
     } finally {
-      await this.backend.close();
+      this.closed = true;
+      try {
+        await this.backing?.close();
+      } finally {
+        await this.backend.close();
+      }
     }
   }
 
   private live(op: string): void {
     if (this.closed) throw new Qcow2Error(Qcow2ErrorCode.CLOSED, `${this.name}: ${op} after close`);
+  }
+
+  private writable(op: string): void {
+    this.live(op);
+    if (this.readOnly) throw new Qcow2Error(Qcow2ErrorCode.READ_ONLY, `${this.name}: ${op}: the image is open read-only`);
   }
 
   /** Read `length` guest bytes, or fill `dst`, from `guestOffset`. */
@@ -242,13 +272,22 @@ export class Qcow2Image implements GuestDevice {
       throw new RangeError(`read: length ${lengthOrDst} is not a non-negative integer`);
     }
     this.checkGuestRange("read", guestOffset, dst.length);
-    await this.readInto(dst, guestOffset);
+    const job = this.readInto(dst, guestOffset);
+    this.reads.add(job);
+    try {
+      await job;
+    } finally {
+      this.reads.delete(job);
+    }
     return dst;
   }
 
   private checkGuestRange(op: string, guestOffset: number, length: number): void {
     if (!Number.isSafeInteger(guestOffset) || guestOffset < 0) {
       throw new RangeError(`${op}: guest offset ${guestOffset} is not a non-negative integer`);
+    }
+    if (!Number.isSafeInteger(length) || length < 0) {
+      throw new RangeError(`${op}: length ${length} is not a non-negative integer`);
     }
     if (guestOffset + length > this.header.size) {
       throw new RangeError(`${op}: range ${guestOffset}+${length} ends past the virtual size ${this.header.size}`);
@@ -257,36 +296,16 @@ export class Qcow2Image implements GuestDevice {
 
   /** GuestDevice: fill `dst` from `guestOffset` (range already checked). */
   async readInto(dst: Uint8Array, guestOffset: number): Promise<void> {
-    const cs = this.clusterSize;
     const len = dst.length;
     let pos = 0;
     while (pos < len) {
       const g = guestOffset + pos;
-      const l1Index = Math.floor(g / this.l1Span);
-      const inTable = g - l1Index * this.l1Span;
-      const l2Index = Math.floor(inTable / cs);
-      const inCluster = inTable - l2Index * cs;
-      const maxBytes = Math.min(len - pos, this.l1Span - inTable);
-      const l2Offset = this.l2TableOffset(l1Index);
-      if (l2Offset === 0) {
-        await this.readUnallocated(dst.subarray(pos, pos + maxBytes), g);
-        pos += maxBytes;
-        continue;
-      }
-      let slot = this.l2Cache.peek(l2Offset);
-      if (slot < 0) slot = await this.l2Cache.get(l2Offset);
-      const n = this.core.l2Lookup(slot, l2Index, Math.ceil((inCluster + maxBytes) / cs), this.clusterBits, this.lookupFlags);
-      const r = this.core.result;
-      const bytes = Math.min(maxBytes, n * cs - inCluster);
-      const part = dst.subarray(pos, pos + bytes);
-      switch (r.type) {
+      const run = await this.map.lookup(g, len - pos, this.lookupFlags);
+      const part = dst.subarray(pos, pos + run.bytes);
+      switch (run.type) {
         case L2_TYPE_NORMAL:
           this.assertReadable(g);
-          // The lookup bounds the run's first cluster below 2^53, not the end of the run.
-          if (r.hostOffset + inCluster + bytes > Number.MAX_SAFE_INTEGER) {
-            throw this.invalidEntry(l1Index, l2Offset, l2Index, L2_INVALID_OFFSET_TOO_LARGE, r.hostOffset);
-          }
-          await readFully(this.backend, part, r.hostOffset + inCluster);
+          await readFully(this.backend, part, run.hostOffset + run.inCluster);
           break;
         case L2_TYPE_ZERO_PLAIN:
         case L2_TYPE_ZERO_ALLOC:
@@ -297,12 +316,10 @@ export class Qcow2Image implements GuestDevice {
           break;
         case L2_TYPE_COMPRESSED:
           this.assertReadable(g);
-          await this.readCompressed(part, r.hostOffset, r.compressedSize, inCluster, g);
+          await this.readCompressed(part, run.hostOffset, run.compressedSize, run.inCluster, g);
           break;
-        default:
-          throw this.invalidEntry(l1Index, l2Offset, l2Index, r.invalidReason, r.hostOffset);
       }
-      pos += bytes;
+      pos += run.bytes;
     }
   }
 
@@ -313,36 +330,6 @@ export class Qcow2Image implements GuestDevice {
         `${this.name}: guest offset ${guestOffset} is encrypted (${cryptName(this.header.cryptMethod)}); encrypted images cannot be read yet`,
       );
     }
-  }
-
-  private invalidEntry(l1Index: number, l2Offset: number, l2Index: number, reason: number, hostOffset: number): Qcow2Error {
-    const where = `L2 table ${hex(l2Offset)} (L1 index ${l1Index}), entry ${l2Index}`;
-    const why =
-      reason === L2_INVALID_UNALIGNED
-        ? `cluster offset ${hex(hostOffset)} is not aligned to the cluster size ${this.clusterSize}`
-        : reason === L2_INVALID_OFFSET_TOO_LARGE
-          ? `host offset${hostOffset > 0 ? ` ${hex(hostOffset)}` : ""} (with the bytes it maps) reaches 2^53`
-          : `zero flag set in a version ${this.header.version} image (only v3 has zero clusters)`;
-    return new Qcow2Error(Qcow2ErrorCode.CORRUPT, `${this.name}: ${where}: ${why}`);
-  }
-
-  /** Offset of the L2 table for `l1Index`, 0 when unallocated; throws CORRUPT on a bad L1 entry. */
-  private l2TableOffset(l1Index: number): number {
-    const offset = this.l1.l2Offset(l1Index);
-    if (offset !== 0 && offset % this.clusterSize !== 0) {
-      throw new Qcow2Error(
-        Qcow2ErrorCode.CORRUPT,
-        `${this.name}: L2 table offset ${hex(offset)} at L1 index ${l1Index} is not aligned to the cluster size ${this.clusterSize}`,
-      );
-    }
-    // The whole table must be addressable: a table at 2^53 - cluster_size would end past 2^53.
-    if (offset + this.clusterSize > Number.MAX_SAFE_INTEGER) {
-      throw new Qcow2Error(
-        Qcow2ErrorCode.CORRUPT,
-        `${this.name}: L2 table offset ${hex(offset)} at L1 index ${l1Index} ends past 2^53`,
-      );
-    }
-    return offset;
   }
 
   private async readUnallocated(dst: Uint8Array, guestOffset: number): Promise<void> {
@@ -358,17 +345,13 @@ export class Qcow2Image implements GuestDevice {
     guestOffset: number,
   ): Promise<void> {
     const cs = this.clusterSize;
-    if (this.header.compressionType === COMPRESSION_ZSTD) {
-      throw new Qcow2Error(Qcow2ErrorCode.NOT_SUPPORTED, `${this.name}: zstd compressed clusters are not supported yet`);
-    }
     const cached = this.inflated;
     if (cached && cached.hostOffset === hostOffset) {
       dst.set(cached.data.subarray(inCluster, inCluster + dst.length));
       return;
     }
-    // The size field is an upper bound that may run past the end of the file: read what is there.
-    const available = Math.max(0, Math.min(compressedSize, this.fileSize - hostOffset));
-    const src = new Uint8Array(available);
+    // The size field is an upper bound that may run past the end of the file: past it reads zeros.
+    const src = new Uint8Array(compressedSize);
     await readFully(this.backend, src, hostOffset);
     const whole = inCluster === 0 && dst.length === cs;
     const out = whole ? dst : new Uint8Array(cs);
@@ -385,43 +368,296 @@ export class Qcow2Image implements GuestDevice {
     }
   }
 
+  // ---- Writing -------------------------------------------------------------------------------
+
+  /**
+   * Write `data` at `guestOffset`. Many requests may be in flight at once; requests that overlap
+   * take effect in the order they were issued.
+   */
+  async write(guestOffset: number, data: Uint8Array): Promise<void> {
+    this.writable("write");
+    this.checkGuestRange("write", guestOffset, data.length);
+    await this.owning(guestOffset, data.length, () => this.writeOwned(guestOffset, data));
+  }
+
+  /** Run `fn` once the guest clusters under [guestOffset, +length) are this request's alone. */
+  private async owning(guestOffset: number, length: number, fn: () => Promise<void>): Promise<void> {
+    const cs = this.clusterSize;
+    const claim = this.map.inflight.claim(Math.floor(guestOffset / cs), Math.ceil((guestOffset + length) / cs));
+    try {
+      await claim.ready;
+      await fn();
+    } finally {
+      claim.release();
+    }
+  }
+
+  private writeOwned(guestOffset: number, data: Uint8Array): Promise<void> {
+    return this.forEachTable(guestOffset, data.length, (g, n) => this.writeSegment(g, data.subarray(g - guestOffset, g - guestOffset + n)));
+  }
+
+  /**
+   * Make a range read as zeros. Whole clusters take the v3 zero flag (or, in v2, are deallocated
+   * when nothing shows through from a backing file); partial clusters are written with zeros.
+   */
+  async writeZeroes(guestOffset: number, length: number, options: WriteZeroesOptions = {}): Promise<void> {
+    this.writable("writeZeroes");
+    this.checkGuestRange("writeZeroes", guestOffset, length);
+    const cs = this.clusterSize;
+    const end = guestOffset + length;
+    const alignedStart = Math.min(end, Math.ceil(guestOffset / cs) * cs);
+    const alignedEnd = Math.max(alignedStart, Math.floor(end / cs) * cs);
+    await this.owning(guestOffset, length, async () => {
+      if (alignedStart > guestOffset) await this.writeOwned(guestOffset, new Uint8Array(alignedStart - guestOffset));
+      if (alignedEnd > alignedStart) {
+        await this.forEachTable(alignedStart, alignedEnd - alignedStart, (g, n) => this.zeroSegment(g, n, options.mayUnmap ?? false));
+      }
+      if (end > alignedEnd) await this.writeOwned(alignedEnd, new Uint8Array(end - alignedEnd));
+    });
+  }
+
+  /**
+   * Tell the image a range is no longer needed. Whole clusters inside it are released: v3 makes
+   * them read as zeros, v2 deallocates them (a backing file shows through, as in qemu).
+   */
+  async discard(guestOffset: number, length: number): Promise<void> {
+    this.writable("discard");
+    this.checkGuestRange("discard", guestOffset, length);
+    const cs = this.clusterSize;
+    const start = Math.ceil(guestOffset / cs) * cs;
+    const end = Math.floor((guestOffset + length) / cs) * cs;
+    if (end <= start) return;
+    await this.owning(start, end - start, () => this.forEachTable(start, end - start, (g, n) => this.discardSegment(g, n)));
+  }
+
+  /** Make every completed write durable. */
+  async flush(): Promise<void> {
+    this.live("flush");
+    if (this.readOnly) return;
+    await this.map.lock.run(() => this.map.writeBack(() => this.drainReads()));
+    this.fileSize = await this.backend.size();
+  }
+
+  private async drainReads(): Promise<void> {
+    await Promise.allSettled([...this.reads]);
+  }
+
+  /** Run `fn` for each piece of [guestOffset, +length) that lies inside one L2 table, in order. */
+  private async forEachTable(guestOffset: number, length: number, fn: (g: number, n: number) => Promise<void>): Promise<void> {
+    const span = this.map.l1Span;
+    for (let g = guestOffset; g < guestOffset + length; ) {
+      const n = Math.min(guestOffset + length - g, span - (g % span));
+      await fn(g, n);
+      g += n;
+    }
+  }
+
+  /** Header changes due before the first write: clear unknown autoclear bits (qemu does). Under lock. */
+  private async beginWrite(): Promise<void> {
+    if (this.writeStarted) return;
+    const h = this.header;
+    if (h.version >= 3 && (h.autoclearFeatures & ~BigInt(QCOW2_AUTOCLEAR_MASK)) !== 0n) {
+      const autoclear = h.autoclearFeatures & BigInt(QCOW2_AUTOCLEAR_MASK);
+      const bytes = new Uint8Array(8);
+      new DataView(bytes.buffer).setBigUint64(0, autoclear);
+      await this.backend.write(bytes, 88);
+      await this.backend.flush();
+      h.autoclearFeatures = autoclear;
+    }
+    this.writeStarted = true;
+  }
+
+  /** Write inside one L2 table; the caller owns the clusters. */
+  private async writeSegment(guestOffset: number, src: Uint8Array): Promise<void> {
+    const plan = await this.map.lock.run(() => this.planWrite(guestOffset, src.length));
+    const io: Promise<void>[] = [];
+    for (const piece of plan.inPlace) {
+      io.push(this.backend.write(src.subarray(piece.srcStart, piece.srcStart + piece.bytes), piece.hostOffset));
+    }
+    for (const group of plan.groups) io.push(this.writeGroup(group, guestOffset, src));
+    await settleAll(io);
+    await this.map.lock.run(() => this.commitWrite(plan));
+  }
+
+  /**
+   * Decide where each part of a write inside one L2 table goes: clusters the image owns alone
+   * (normal, COPIED) are written in place; every other run is given newly allocated clusters, one
+   * contiguous allocation per stretch of such runs. Under lock.
+   */
+  private async planWrite(guestOffset: number, length: number): Promise<WritePlan> {
+    await this.beginWrite();
+    const cs = this.clusterSize;
+    const l1Index = Math.floor(guestOffset / this.map.l1Span);
+    const l2Offset = await this.map.writableL2(l1Index);
+    const plan: WritePlan = { l1Index, l2Offset, inPlace: [], groups: [] };
+    let group: AllocGroup | undefined;
+    for (let pos = 0; pos < length; ) {
+      const run = await this.map.lookup(guestOffset + pos, length - pos, this.lookupFlags | LOOKUP_SPLIT_COPIED);
+      if (run.type === L2_TYPE_NORMAL && run.copied) {
+        plan.inPlace.push({ srcStart: pos, bytes: run.bytes, hostOffset: run.hostOffset + run.inCluster });
+        group = undefined;
+      } else {
+        const clusters = Math.ceil((run.inCluster + run.bytes) / cs);
+        if (!group) {
+          group = {
+            firstCluster: Math.floor((guestOffset + pos) / cs),
+            l2Index: run.l2Index,
+            clusters: 0,
+            srcStart: pos,
+            srcEnd: pos,
+            hostOffset: 0,
+            old: [],
+          };
+          plan.groups.push(group);
+        }
+        group.clusters += clusters;
+        group.srcEnd = pos + run.bytes;
+        group.old.push({ run, clusters });
+      }
+      pos += run.bytes;
+    }
+    for (const g of plan.groups) g.hostOffset = await this.map.refcounts!.allocate(g.clusters);
+    return plan;
+  }
+
+  /** Write one allocation group's data, filling partial clusters from what they read as now. */
+  private async writeGroup(group: AllocGroup, guestOffset: number, src: Uint8Array): Promise<void> {
+    const cs = this.clusterSize;
+    const groupStart = group.firstCluster * cs;
+    const groupBytes = group.clusters * cs;
+    const head = guestOffset + group.srcStart - groupStart;
+    const tail = groupStart + groupBytes - (guestOffset + group.srcEnd);
+    const data = src.subarray(group.srcStart, group.srcEnd);
+    if (head === 0 && tail === 0) {
+      await this.backend.write(data, group.hostOffset);
+      return;
+    }
+    // The mapping is unchanged until commit and nobody else writes these clusters: reading them
+    // now gives what the cluster held before (backing file, zeros, compressed or shared data).
+    if (groupBytes <= 2 * cs || data.length < 2 * cs) {
+      const buf = new Uint8Array(groupBytes);
+      if (head > 0) await this.readInto(buf.subarray(0, head), groupStart);
+      if (tail > 0) await this.readInto(buf.subarray(groupBytes - tail), groupStart + groupBytes - tail);
+      buf.set(data, head);
+      await this.backend.write(buf, group.hostOffset);
+      return;
+    }
+    // Long writes: merge only the partial first and last clusters; the middle goes out as is.
+    const jobs: Promise<void>[] = [];
+    let middleStart = 0;
+    if (head > 0) {
+      const first = new Uint8Array(cs);
+      await this.readInto(first.subarray(0, head), groupStart);
+      first.set(data.subarray(0, cs - head), head);
+      jobs.push(this.backend.write(first, group.hostOffset));
+      middleStart = cs - head;
+    }
+    let middleEnd = data.length;
+    if (tail > 0) {
+      const last = new Uint8Array(cs);
+      await this.readInto(last.subarray(cs - tail), groupStart + groupBytes - tail);
+      last.set(data.subarray(data.length - (cs - tail)), 0);
+      jobs.push(this.backend.write(last, group.hostOffset + groupBytes - cs));
+      middleEnd = data.length - (cs - tail);
+    }
+    jobs.push(this.backend.write(data.subarray(middleStart, middleEnd), group.hostOffset + head + middleStart));
+    await settleAll(jobs);
+  }
+
+  /** Point the L2 entries at the written clusters and queue the release of what they replaced. Under lock. */
+  private async commitWrite(plan: WritePlan): Promise<void> {
+    const l2Offset = await this.map.writableL2(plan.l1Index);
+    for (const group of plan.groups) {
+      await this.map.setEntries(l2Offset, group.l2Index, group.clusters, group.hostOffset, true, false);
+      for (const old of group.old) this.map.release(old.run, old.clusters);
+    }
+  }
+
+  private async zeroSegment(guestOffset: number, length: number, mayUnmap: boolean): Promise<void> {
+    const cs = this.clusterSize;
+    const v3 = this.header.version >= 3;
+    let writeZeros = false;
+    await this.map.lock.run(async () => {
+      await this.beginWrite();
+      const l1Index = Math.floor(guestOffset / this.map.l1Span);
+      // Nothing is mapped and nothing shows through: it already reads as zeros.
+      if (this.map.l2TableOffset(l1Index) === 0 && !this.backing) return;
+      if (!v3) {
+        // v2 has no zero flag: deallocate when that reads as zeros, else write zeros below.
+        if (this.backing || !mayUnmap) {
+          writeZeros = true;
+          return;
+        }
+      }
+      const l2Offset = await this.map.writableL2(l1Index);
+      for (let pos = 0; pos < length; ) {
+        const run = await this.map.lookup(guestOffset + pos, length - pos, this.lookupFlags | LOOKUP_SPLIT_COPIED);
+        const clusters = run.bytes / cs;
+        const owned = (run.type === L2_TYPE_NORMAL || run.type === L2_TYPE_ZERO_ALLOC) && run.copied;
+        if (!v3) {
+          await this.map.setEntries(l2Offset, run.l2Index, clusters, 0, false, false);
+          this.map.release(run, clusters);
+        } else if (owned && !mayUnmap) {
+          // Keep the allocation, flag it zero (qemu's ZERO_ALLOC).
+          await this.map.setEntries(l2Offset, run.l2Index, clusters, run.hostOffset, true, true);
+        } else if (run.type !== L2_TYPE_ZERO_PLAIN) {
+          await this.map.setEntries(l2Offset, run.l2Index, clusters, 0, false, true);
+          this.map.release(run, clusters);
+        }
+        pos += run.bytes;
+      }
+    });
+    if (writeZeros) {
+      for (let pos = 0; pos < length; pos += ZERO_CHUNK) {
+        await this.writeOwned(guestOffset + pos, new Uint8Array(Math.min(ZERO_CHUNK, length - pos)));
+      }
+    }
+  }
+
+  private async discardSegment(guestOffset: number, length: number): Promise<void> {
+    const cs = this.clusterSize;
+    const v3 = this.header.version >= 3;
+    await this.map.lock.run(async () => {
+      const l1Index = Math.floor(guestOffset / this.map.l1Span);
+      if (this.map.l2TableOffset(l1Index) === 0) return;
+      await this.beginWrite();
+      let l2Offset = 0;
+      for (let pos = 0; pos < length; ) {
+        const run = await this.map.lookup(guestOffset + pos, length - pos, this.lookupFlags);
+        const clusters = run.bytes / cs;
+        const allocated = run.type === L2_TYPE_NORMAL || run.type === L2_TYPE_ZERO_ALLOC || run.type === L2_TYPE_COMPRESSED;
+        // qemu: allocated clusters, or any cluster over a backing file, become zero (v3) or
+        // unallocated (v2); unallocated clusters with nothing below stay as they are.
+        if ((allocated || this.backing) && !(v3 && run.type === L2_TYPE_ZERO_PLAIN) && !(!v3 && run.type === L2_TYPE_UNALLOCATED)) {
+          l2Offset ||= await this.map.writableL2(l1Index);
+          await this.map.setEntries(l2Offset, run.l2Index, clusters, 0, false, v3);
+          this.map.release(run, clusters);
+        }
+        pos += run.bytes;
+      }
+    });
+  }
+
   /** The mapping in this image alone of the run at `guestOffset`, as an extent at depth 0. */
   private async localStatus(guestOffset: number, maxLength: number): Promise<Extent> {
-    const cs = this.clusterSize;
-    const l1Index = Math.floor(guestOffset / this.l1Span);
-    const inTable = guestOffset - l1Index * this.l1Span;
-    const l2Index = Math.floor(inTable / cs);
-    const inCluster = inTable - l2Index * cs;
-    const maxBytes = Math.min(maxLength, this.l1Span - inTable);
-    const l2Offset = this.l2TableOffset(l1Index);
-    if (l2Offset === 0) return { start: guestOffset, length: maxBytes, kind: "unallocated", depth: 0 };
-    let slot = this.l2Cache.peek(l2Offset);
-    if (slot < 0) slot = await this.l2Cache.get(l2Offset);
-    const n = this.core.l2Lookup(slot, l2Index, Math.ceil((inCluster + maxBytes) / cs), this.clusterBits, this.lookupFlags);
-    const r = this.core.result;
-    const length = Math.min(maxBytes, n * cs - inCluster);
-    const extent: Extent = { start: guestOffset, length, kind: "unallocated", depth: 0 };
-    switch (r.type) {
+    const run = await this.map.lookup(guestOffset, maxLength, this.lookupFlags);
+    const extent: Extent = { start: guestOffset, length: run.bytes, kind: "unallocated", depth: 0 };
+    switch (run.type) {
       case L2_TYPE_NORMAL:
         extent.kind = "data";
-        extent.hostOffset = r.hostOffset + inCluster;
+        extent.hostOffset = run.hostOffset + run.inCluster;
         break;
       case L2_TYPE_ZERO_ALLOC:
         extent.kind = "zero";
-        extent.hostOffset = r.hostOffset + inCluster;
+        extent.hostOffset = run.hostOffset + run.inCluster;
         break;
       case L2_TYPE_ZERO_PLAIN:
         extent.kind = "zero";
         break;
       case L2_TYPE_COMPRESSED:
         extent.kind = "compressed";
-        extent.hostOffset = r.hostOffset;
+        extent.hostOffset = run.hostOffset;
         break;
-      case L2_TYPE_UNALLOCATED:
-        break;
-      case L2_TYPE_INVALID:
-      default:
-        throw this.invalidEntry(l1Index, l2Offset, l2Index, r.invalidReason, r.hostOffset);
     }
     return extent;
   }
@@ -545,6 +781,50 @@ export class Qcow2Image implements GuestDevice {
     const out: GuestDevice[] = [];
     for (let d: GuestDevice | undefined = this; d; d = d instanceof Qcow2Image ? d.backing : undefined) out.push(d);
     return out;
+  }
+}
+
+interface AllocGroup {
+  /** First guest cluster index of the group. */
+  firstCluster: number;
+  l2Index: number;
+  clusters: number;
+  /** The part of the request's data that falls in the group. */
+  srcStart: number;
+  srcEnd: number;
+  /** Where the allocator put the group. */
+  hostOffset: number;
+  /** The runs the group replaces, to be released at commit. */
+  old: Array<{ run: Run; clusters: number }>;
+}
+
+interface WritePlan {
+  l1Index: number;
+  l2Offset: number;
+  inPlace: Array<{ srcStart: number; bytes: number; hostOffset: number }>;
+  groups: AllocGroup[];
+}
+
+/** Await every job; reject with the first failure only after all have settled (no stray writes). */
+async function settleAll(jobs: Promise<void>[]): Promise<void> {
+  const results = await Promise.allSettled(jobs);
+  const failed = results.find((r): r is PromiseRejectedResult => r.status === "rejected");
+  if (failed) throw failed.reason;
+}
+
+/** Refuse opening for writing what qemu refuses, or what this library cannot write yet. */
+function refuseWrites(header: Qcow2Header, name: string): void {
+  if (header.incompatibleFeatures & BigInt(INCOMPAT_CORRUPT)) {
+    throw new Qcow2Error(Qcow2ErrorCode.CORRUPT, `${name}: the image is marked corrupt; it can only be opened read-only (repair it with check)`);
+  }
+  if (header.incompatibleFeatures & BigInt(INCOMPAT_DIRTY)) {
+    throw new Qcow2Error(
+      Qcow2ErrorCode.NOT_SUPPORTED,
+      `${name}: the image is dirty (lazy refcounts after an unclean shutdown); rebuilding its refcounts is not supported yet`,
+    );
+  }
+  if (header.cryptMethod !== CRYPT_NONE) {
+    throw new Qcow2Error(Qcow2ErrorCode.ENCRYPTED, `${name}: writing encrypted images is not supported yet`);
   }
 }
 

@@ -1,0 +1,268 @@
+// ClusterMap: guest offset -> host extent through the active L1 table and the L2 cache, and the
+// metadata changes writes make (DESIGN.md §1, §3, §4). Changes are made under `lock`; the order in
+// which they reach the disk is written down once, in `writeBack()`.
+
+import { Qcow2Error, Qcow2ErrorCode, hex } from "../errors.js";
+import { readFully, type BlockBackend } from "../io/backend.js";
+import type { L1Table } from "../format/l1.js";
+import type { WasmCore } from "../wasm/core.js";
+import {
+  L2_INVALID_OFFSET_TOO_LARGE,
+  L2_INVALID_UNALIGNED,
+  L2_TYPE_COMPRESSED,
+  L2_TYPE_INVALID,
+  L2_TYPE_NORMAL,
+  L2_TYPE_ZERO_ALLOC,
+} from "../wasm/exports.js";
+import type { Refcounts } from "./refcounts.js";
+import { AsyncLock, InFlight } from "./sync.js";
+import { TableCache } from "./table-cache.js";
+
+/** One run of same-typed L2 entries, as seen from a guest offset. */
+export interface Run {
+  /** L2_TYPE_* */
+  type: number;
+  /** Normal / zero-alloc: host offset of the run's first cluster. Compressed: the stream's offset. */
+  hostOffset: number;
+  /** Compressed: bytes to read (an upper bound). */
+  compressedSize: number;
+  /** QCOW_OFLAG_COPIED of the run (runs split where it changes when asked). */
+  copied: boolean;
+  /** Guest bytes from the looked-up offset that this run covers. */
+  bytes: number;
+  /** Offset of the looked-up guest offset inside its cluster. */
+  inCluster: number;
+  l1Index: number;
+  l2Index: number;
+  /** 0 when the L1 entry is unallocated (the run is then unallocated). */
+  l2Offset: number;
+}
+
+export interface ClusterMapOptions {
+  name: string;
+  backend: BlockBackend;
+  core: WasmCore;
+  clusterBits: number;
+  version: number;
+  l1: L1Table;
+  l1TableOffset: number;
+  l2CacheSize: number;
+  /** Present when the image is writable. */
+  refcounts?: Refcounts;
+}
+
+const MIN_L2_SLOTS = 16;
+const QCOW_OFLAG_COPIED_HI = 0x80000000;
+const QCOW_OFLAG_COMPRESSED_HI = 0x40000000;
+
+export class ClusterMap {
+  readonly name: string;
+  readonly clusterBits: number;
+  readonly clusterSize: number;
+  readonly l2Entries: number;
+  /** Guest bytes one L2 table maps. */
+  readonly l1Span: number;
+  readonly version: number;
+  readonly lock = new AsyncLock();
+  readonly inflight = new InFlight();
+  l1: L1Table;
+  l1TableOffset: number;
+  readonly l2: TableCache;
+  readonly refcounts: Refcounts | undefined;
+  private readonly backend: BlockBackend;
+  private readonly core: WasmCore;
+
+  constructor(o: ClusterMapOptions) {
+    this.name = o.name;
+    this.backend = o.backend;
+    this.core = o.core;
+    this.clusterBits = o.clusterBits;
+    this.clusterSize = 2 ** o.clusterBits;
+    this.l2Entries = this.clusterSize / 8;
+    this.l1Span = this.clusterSize * this.l2Entries;
+    this.version = o.version;
+    this.l1 = o.l1;
+    this.l1TableOffset = o.l1TableOffset;
+    this.refcounts = o.refcounts;
+    const slots = Math.max(MIN_L2_SLOTS, Math.min(Math.max(1, o.l1.size), Math.floor(o.l2CacheSize / this.clusterSize)));
+    this.l2 = new TableCache(o.core, this.clusterSize, slots, {
+      load: (dst, offset) => readFully(this.backend, dst, offset),
+      // An L2 table written on eviction must not get ahead of the data and refcounts it points to.
+      store: async (src, offset) => {
+        await this.backend.flush();
+        if (this.refcounts?.hasDirty()) {
+          await this.refcounts.writeBack();
+          await this.backend.flush();
+        }
+        await this.backend.write(src, offset);
+      },
+    });
+  }
+
+  /** Offset of the L2 table for `l1Index`, 0 when unallocated; CORRUPT for a bad L1 entry. */
+  l2TableOffset(l1Index: number): number {
+    const offset = this.l1.l2Offset(l1Index);
+    if (offset !== 0 && offset % this.clusterSize !== 0) {
+      throw new Qcow2Error(
+        Qcow2ErrorCode.CORRUPT,
+        `${this.name}: L2 table offset ${hex(offset)} at L1 index ${l1Index} is not aligned to the cluster size ${this.clusterSize}`,
+      );
+    }
+    // The whole table must be addressable: a table at 2^53 - cluster_size would end past 2^53.
+    if (offset + this.clusterSize > Number.MAX_SAFE_INTEGER) {
+      throw new Qcow2Error(Qcow2ErrorCode.CORRUPT, `${this.name}: L2 table offset ${hex(offset)} at L1 index ${l1Index} ends past 2^53`);
+    }
+    return offset;
+  }
+
+  /**
+   * The run of same-typed entries at `guestOffset`, at most `maxBytes` long and never past the
+   * end of its L2 table. `flags` are asm/l2.ts LOOKUP_* flags.
+   */
+  async lookup(guestOffset: number, maxBytes: number, flags: number): Promise<Run> {
+    const cs = this.clusterSize;
+    const l1Index = Math.floor(guestOffset / this.l1Span);
+    const inTable = guestOffset - l1Index * this.l1Span;
+    const l2Index = Math.floor(inTable / cs);
+    const inCluster = inTable - l2Index * cs;
+    const limit = Math.min(maxBytes, this.l1Span - inTable);
+    const l2Offset = this.l2TableOffset(l1Index);
+    if (l2Offset === 0) {
+      return { type: 0, hostOffset: 0, compressedSize: 0, copied: false, bytes: limit, inCluster, l1Index, l2Index, l2Offset };
+    }
+    let slot = this.l2.peek(l2Offset);
+    if (slot < 0) slot = await this.l2.get(l2Offset);
+    const n = this.core.l2Lookup(slot, l2Index, Math.ceil((inCluster + limit) / cs), this.clusterBits, flags);
+    const r = this.core.result;
+    const run: Run = {
+      type: r.type,
+      hostOffset: r.hostOffset,
+      compressedSize: r.compressedSize,
+      copied: r.copied,
+      bytes: Math.min(limit, n * cs - inCluster),
+      inCluster,
+      l1Index,
+      l2Index,
+      l2Offset,
+    };
+    if (r.type === L2_TYPE_INVALID) throw this.invalidEntry(run, r.invalidReason);
+    if (r.type === L2_TYPE_NORMAL && r.hostOffset + inCluster + run.bytes > Number.MAX_SAFE_INTEGER) {
+      throw this.invalidEntry(run, L2_INVALID_OFFSET_TOO_LARGE);
+    }
+    return run;
+  }
+
+  private invalidEntry(run: Run, reason: number): Qcow2Error {
+    const where = `L2 table ${hex(run.l2Offset)} (L1 index ${run.l1Index}), entry ${run.l2Index}`;
+    const why =
+      reason === L2_INVALID_UNALIGNED
+        ? `cluster offset ${hex(run.hostOffset)} is not aligned to the cluster size ${this.clusterSize}`
+        : reason === L2_INVALID_OFFSET_TOO_LARGE
+          ? `host offset${run.hostOffset > 0 ? ` ${hex(run.hostOffset)}` : ""} (with the bytes it maps) reaches 2^53`
+          : `zero flag set in a version ${this.version} image (only v3 has zero clusters)`;
+    return new Qcow2Error(Qcow2ErrorCode.CORRUPT, `${this.name}: ${where}: ${why}`);
+  }
+
+  private get writableRefcounts(): Refcounts {
+    if (!this.refcounts) throw new Qcow2Error(Qcow2ErrorCode.READ_ONLY, `${this.name}: image is open read-only`);
+    return this.refcounts;
+  }
+
+  /**
+   * The L2 table for `l1Index`, ready to be changed: allocated if missing, copied if shared with a
+   * snapshot (L1 entry without COPIED). Call under `lock`.
+   */
+  async writableL2(l1Index: number): Promise<number> {
+    const refcounts = this.writableRefcounts;
+    const current = this.l2TableOffset(l1Index);
+    if (current !== 0 && this.l1.copied(l1Index)) return current;
+    const fresh = await refcounts.allocate(1);
+    if (current === 0) {
+      await this.l2.create(fresh);
+    } else {
+      const ptr = await this.l2.get(current);
+      const copy = this.core.bytes(ptr, this.clusterSize).slice();
+      await this.l2.create(fresh, copy);
+      refcounts.releaseLater(current / this.clusterSize, 1);
+    }
+    this.l1.set(l1Index, fresh, true);
+    return fresh;
+  }
+
+  /**
+   * Set `count` consecutive entries of the L2 table at `l2Offset` from `l2Index`: `hostOffset`
+   * advancing one cluster per entry (0 for none), with COPIED and the zero flag as given. The table
+   * must be writable (from writableL2 in the same locked section).
+   */
+  async setEntries(l2Offset: number, l2Index: number, count: number, hostOffset: number, copied: boolean, zero: boolean): Promise<void> {
+    const ptr = await this.l2.get(l2Offset);
+    const dv = this.core.dataView();
+    for (let i = 0; i < count; i++) {
+      const host = hostOffset === 0 ? 0 : hostOffset + i * this.clusterSize;
+      const hi = Math.floor(host / 0x100000000) | (copied ? QCOW_OFLAG_COPIED_HI : 0);
+      dv.setUint32(ptr + (l2Index + i) * 8, hi >>> 0);
+      dv.setUint32(ptr + (l2Index + i) * 8 + 4, ((host >>> 0) | (zero ? 1 : 0)) >>> 0);
+    }
+    this.l2.markDirty(l2Offset);
+  }
+
+  /** Store a raw compressed-cluster descriptor (already shifted) at one entry. */
+  async setCompressedEntry(l2Offset: number, l2Index: number, descriptorHi: number, descriptorLo: number): Promise<void> {
+    const ptr = await this.l2.get(l2Offset);
+    const dv = this.core.dataView();
+    dv.setUint32(ptr + l2Index * 8, (descriptorHi | QCOW_OFLAG_COMPRESSED_HI) >>> 0);
+    dv.setUint32(ptr + l2Index * 8 + 4, descriptorLo >>> 0);
+    this.l2.markDirty(l2Offset);
+  }
+
+  /** Queue the release of the host clusters `run` (of `clusters` clusters) held. */
+  release(run: Pick<Run, "type" | "hostOffset" | "compressedSize">, clusters: number): void {
+    const refcounts = this.writableRefcounts;
+    if (run.type === L2_TYPE_NORMAL || run.type === L2_TYPE_ZERO_ALLOC) {
+      refcounts.releaseLater(run.hostOffset / this.clusterSize, clusters);
+    } else if (run.type === L2_TYPE_COMPRESSED) {
+      // qemu counts every host cluster the 512-byte sectors of the stream touch.
+      const start = run.hostOffset - (run.hostOffset % 512);
+      refcounts.releaseBytesLater(start, run.compressedSize + (run.hostOffset % 512));
+    }
+  }
+
+  get dirty(): boolean {
+    return this.l1.dirty || this.l2.hasDirty() || (this.refcounts?.hasDirty() ?? false) || (this.refcounts?.hasPendingDecrements() ?? false);
+  }
+
+  /**
+   * Make every completed change durable, in the one order that keeps a crash harmless:
+   * guest data, refcount increments, L2 tables, L1 entries, and only then the decrements of
+   * clusters those tables stopped pointing at. Call under `lock`. `beforeRelease` runs before
+   * decrements are applied (the image waits there for reads that may still use freed clusters).
+   */
+  async writeBack(beforeRelease: () => Promise<void>): Promise<void> {
+    const refcounts = this.refcounts;
+    await this.backend.flush();
+    if (refcounts?.hasDirty()) {
+      await refcounts.writeBack();
+      await this.backend.flush();
+    }
+    if (this.l2.hasDirty()) {
+      await this.l2.flush();
+      await this.backend.flush();
+    }
+    const l1 = this.l1.takeDirty();
+    if (l1) {
+      try {
+        await this.backend.write(l1.bytes, this.l1TableOffset + l1.start);
+      } catch (err) {
+        this.l1.redirty(l1.start, l1.bytes.length);
+        throw err;
+      }
+      await this.backend.flush();
+    }
+    if (refcounts?.hasPendingDecrements()) {
+      await beforeRelease();
+      await refcounts.applyDecrements();
+      await refcounts.writeBack();
+      await this.backend.flush();
+    }
+  }
+}
