@@ -10,8 +10,10 @@ export {
   type ImageInfo,
   type BackingResolver,
   type ReadableOptions,
+  type WriteZeroesOptions,
 } from "./image/qcow2-image.js";
 export { RawDevice, type Extent, type ExtentKind, type GuestDevice } from "./image/device.js";
+export type { CreateOptions, Preallocation } from "./image/create.js";
 export { parseHeader, probeHeader, type Qcow2Header, type HeaderExtensions } from "./format/header.js";
 export { compileWasm, preferredVariant, type WasmVariant } from "./wasm/core.js";
 export { registerPlatform, type Platform } from "./platform.js";

@@ -5,7 +5,7 @@ import { NodeZlibInflater } from "./codecs/node-zlib.js";
 import { registerPlatform } from "./platform.js";
 
 registerPlatform({
-  openFile: (file, { readOnly }) => NodeFileBackend.open(file, { readOnly }),
+  openFile: (file, { readOnly, create }) => NodeFileBackend.open(file, { readOnly, create: create ?? false }),
   // qemu resolves a relative backing name against the directory of the image naming it.
   resolveBackingPath: (backingFile, imageName) =>
     path.isAbsolute(backingFile) ? backingFile : path.join(path.dirname(imageName), backingFile),

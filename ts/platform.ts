@@ -7,6 +7,8 @@ import type { BlockBackend } from "./io/backend.js";
 
 export interface FileOpenOptions {
   readOnly: boolean;
+  /** Create the file if it does not exist (read-write only). */
+  create?: boolean;
 }
 
 export interface Platform {

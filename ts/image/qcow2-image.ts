@@ -23,6 +23,7 @@ import { HEADER_PROBE_SIZE, featureBits, featureName, parseHeader, probeHeader, 
 import { L1Table } from "../format/l1.js";
 import { ClusterMap, type Run } from "./cluster-map.js";
 import { Refcounts } from "./refcounts.js";
+import { formatImage, resolveCreateOptions, type CreateOptions, type Preallocation } from "./create.js";
 import type { ClusterInflater } from "../codecs/deflate.js";
 import { platform } from "../platform.js";
 import { WasmCore, type WasmVariant } from "../wasm/core.js";
@@ -176,7 +177,13 @@ export class Qcow2Image implements GuestDevice {
       const l1 = new L1Table(header.l1Size);
       await readFully(backend, l1.bytes, header.l1TableOffset);
 
-      const backing = await openBacking(header, backend.name, { ...options, readOnly: true }, chain);
+      const backing = await openBacking(
+        header.backingFile,
+        header.extensions.backingFormat,
+        backend.name,
+        { ...options, readOnly: true },
+        chain,
+      );
       try {
         const core = await WasmCore.create(options.wasm);
         const refcounts = readOnly
@@ -229,6 +236,63 @@ export class Qcow2Image implements GuestDevice {
 
   get virtualSize(): number {
     return this.header.size;
+  }
+
+  /**
+   * Create an image (qemu-img's layout and defaults: v3, 64 KiB clusters, 16-bit refcounts) and
+   * return it open for writing. `size` may be left out when a backing file gives it.
+   */
+  static async create(
+    target: BlockBackend | string,
+    options: Omit<CreateOptions, "size"> & { size?: number } & Omit<OpenOptions, "readOnly">,
+  ): Promise<Qcow2Image> {
+    let size = options.size;
+    if (size === undefined) {
+      if (options.backingFile === undefined) throw new TypeError("create: size is required without a backing file");
+      size = await backingSize(options.backingFile, typeof target === "string" ? target : target.name, options);
+    }
+    const resolved = resolveCreateOptions({ ...options, size });
+    const backend = await resolveBackend(target, false, true);
+    try {
+      await formatImage(backend, resolved);
+    } catch (err) {
+      await backend.close().catch(() => undefined);
+      throw err;
+    }
+    const image = await Qcow2Image.open(backend, { ...options, readOnly: false });
+    try {
+      if (resolved.preallocation !== "off") await image.preallocate(resolved.preallocation);
+    } catch (err) {
+      await image.close().catch(() => undefined);
+      throw err;
+    }
+    return image;
+  }
+
+  /** Map every cluster of the disk to a host cluster (and for "full"/"falloc" write it), as qemu's preallocation does. */
+  private async preallocate(mode: Exclude<Preallocation, "off">): Promise<void> {
+    const cs = this.clusterSize;
+    const clusters = Math.ceil(this.header.size / cs);
+    const perTable = this.map.l2Entries;
+    let end = 0;
+    await this.map.lock.run(async () => {
+      await this.beginWrite();
+      for (let first = 0; first < clusters; first += perTable) {
+        const count = Math.min(perTable, clusters - first);
+        const l2Offset = await this.map.writableL2(first / perTable);
+        const hostOffset = await this.map.refcounts!.allocate(count);
+        await this.map.setEntries(l2Offset, 0, count, hostOffset, true, false);
+        if (mode !== "metadata") {
+          for (let pos = 0; pos < count * cs; pos += ZERO_CHUNK) {
+            await this.backend.write(new Uint8Array(Math.min(ZERO_CHUNK, count * cs - pos)), hostOffset + pos);
+          }
+        }
+        end = Math.max(end, hostOffset + count * cs);
+      }
+    });
+    // The mapped clusters must exist in the file (qemu extends it, sparse, for "metadata").
+    if (end > (await this.backend.size())) await this.backend.truncate(end);
+    await this.flush();
   }
 
   /** Open a qcow2 image from a backend, or from a path where the platform has files (qcow2-wasm/node). */
@@ -619,7 +683,8 @@ export class Qcow2Image implements GuestDevice {
     const v3 = this.header.version >= 3;
     await this.map.lock.run(async () => {
       const l1Index = Math.floor(guestOffset / this.map.l1Span);
-      if (this.map.l2TableOffset(l1Index) === 0) return;
+      // No table: nothing to release; only a v3 image over a backing file must still hide it.
+      if (this.map.l2TableOffset(l1Index) === 0 && !(v3 && this.backing)) return;
       await this.beginWrite();
       let l2Offset = 0;
       for (let pos = 0; pos < length; ) {
@@ -861,23 +926,33 @@ function refuseFeatures(header: Qcow2Header, name: string): void {
   }
 }
 
-async function resolveBackend(target: BlockBackend | string, readOnly: boolean): Promise<BlockBackend> {
+async function resolveBackend(target: BlockBackend | string, readOnly: boolean, create = false): Promise<BlockBackend> {
   if (typeof target !== "string") return target;
   if (!platform.openFile) {
     throw new TypeError(
       `open: a path ("${target}") needs a file system; import from "qcow2-wasm/node", or pass a BlockBackend`,
     );
   }
-  return platform.openFile(target, { readOnly });
+  return platform.openFile(target, { readOnly, create });
+}
+
+/** The virtual size of the backing file `backingFile` named by an image called `imageName`. */
+async function backingSize(backingFile: string, imageName: string, options: OpenOptions & { backingFormat?: string }): Promise<number> {
+  const device = await openBacking(backingFile, options.backingFormat, imageName, { ...options, readOnly: true }, { depth: 0, names: [] });
+  try {
+    return device!.virtualSize;
+  } finally {
+    await device!.close();
+  }
 }
 
 async function openBacking(
-  header: Qcow2Header,
+  backingFile: string | undefined,
+  backingFormat: string | undefined,
   imageName: string,
   options: OpenOptions,
   chain: ChainState,
 ): Promise<GuestDevice | undefined> {
-  const backingFile = header.backingFile;
   if (backingFile === undefined || options.backing === "none") return undefined;
   const names = [...chain.names, imageName];
   if (chain.depth + 1 > MAX_BACKING_CHAIN_DEPTH) {
@@ -911,7 +986,7 @@ async function openBacking(
       `${imageName}: backing chain loops: ${[...names, backend.name].join(" -> ")}`,
     );
   }
-  let format = header.extensions.backingFormat;
+  let format = backingFormat;
   if (format === undefined) {
     const magic = new Uint8Array(4);
     await readFully(backend, magic, 0);
