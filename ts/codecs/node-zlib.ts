@@ -1,4 +1,4 @@
-// node:zlib inflater: native zlib, about twice as fast as pako per cluster (bench/codecs.mjs).
+// node:zlib inflater: native zlib, 2.3-3.4x pako per 64 KiB cluster (bench/io-backend.mjs).
 
 import zlib from "node:zlib";
 import { PakoInflater, type ClusterInflater } from "./deflate.js";
@@ -14,6 +14,8 @@ export class NodeZlibInflater implements ClusterInflater {
       out = zlib.inflateRawSync(src, {
         finishFlush: zlib.constants.Z_SYNC_FLUSH,
         maxOutputLength: dst.length,
+        // One output chunk per cluster: no joining of 16 KiB pieces (1.1x per image, bench/io-backend.mjs).
+        chunkSize: Math.max(dst.length, 64),
       });
     } catch (err) {
       if ((err as { code?: string }).code === "ERR_BUFFER_TOO_LARGE") return this.fallback.inflate(src, dst);

@@ -95,21 +95,27 @@ export class WasmCore {
     const memory = this.exports.memory;
     if (end > memory.buffer.byteLength) {
       memory.grow(Math.ceil((end - memory.buffer.byteLength) / WASM_PAGE));
+      this.refresh();
     }
     this.top = end;
     return ptr;
   }
 
-  /** A view of all of linear memory, re-derived if memory has grown since the last call. */
+  /**
+   * A view of all of linear memory, re-derived if memory has grown since the last call. Growing
+   * detaches the old buffer (length 0), which is cheaper to test than reading memory.buffer (~25 ns).
+   */
   u8(): Uint8Array<ArrayBuffer> {
-    const buffer = this.exports.memory.buffer;
-    if (this.view.buffer !== buffer) {
-      this.view = new Uint8Array(buffer);
-      this.f64 = new Float64Array(buffer);
-      this.u32 = new Uint32Array(buffer);
-      this.dv = new DataView(buffer);
-    }
+    if (this.view.length === 0) this.refresh();
     return this.view;
+  }
+
+  private refresh(): void {
+    const buffer = this.exports.memory.buffer;
+    this.view = new Uint8Array(buffer);
+    this.f64 = new Float64Array(buffer);
+    this.u32 = new Uint32Array(buffer);
+    this.dv = new DataView(buffer);
   }
 
   /** A DataView of all of linear memory (big-endian table entries are read and written through it). */
