@@ -21,6 +21,7 @@ import {
 } from "../format/constants.js";
 import { HEADER_PROBE_SIZE, featureBits, featureName, parseHeader, probeHeader, type Qcow2Header } from "../format/header.js";
 import { L1Table } from "../format/l1.js";
+import { setU64 } from "../format/bytes.js";
 import { ClusterMap, type Run } from "./cluster-map.js";
 import { Refcounts } from "./refcounts.js";
 import { formatImage, resolveCreateOptions, type CreateOptions, type Preallocation } from "./create.js";
@@ -467,17 +468,20 @@ export class Qcow2Image implements GuestDevice {
   async writeZeroes(guestOffset: number, length: number, options: WriteZeroesOptions = {}): Promise<void> {
     this.writable("writeZeroes");
     this.checkGuestRange("writeZeroes", guestOffset, length);
+    await this.owning(guestOffset, length, () => this.zeroOwned(guestOffset, length, options.mayUnmap ?? false));
+  }
+
+  /** writeZeroes for clusters the caller owns: partial clusters written, whole ones flagged. */
+  private async zeroOwned(guestOffset: number, length: number, mayUnmap: boolean): Promise<void> {
     const cs = this.clusterSize;
     const end = guestOffset + length;
     const alignedStart = Math.min(end, Math.ceil(guestOffset / cs) * cs);
     const alignedEnd = Math.max(alignedStart, Math.floor(end / cs) * cs);
-    await this.owning(guestOffset, length, async () => {
-      if (alignedStart > guestOffset) await this.writeOwned(guestOffset, new Uint8Array(alignedStart - guestOffset));
-      if (alignedEnd > alignedStart) {
-        await this.forEachTable(alignedStart, alignedEnd - alignedStart, (g, n) => this.zeroSegment(g, n, options.mayUnmap ?? false));
-      }
-      if (end > alignedEnd) await this.writeOwned(alignedEnd, new Uint8Array(end - alignedEnd));
-    });
+    if (alignedStart > guestOffset) await this.writeOwned(guestOffset, new Uint8Array(alignedStart - guestOffset));
+    if (alignedEnd > alignedStart) {
+      await this.forEachTable(alignedStart, alignedEnd - alignedStart, (g, n) => this.zeroSegment(g, n, mayUnmap));
+    }
+    if (end > alignedEnd) await this.writeOwned(alignedEnd, new Uint8Array(end - alignedEnd));
   }
 
   /**
@@ -492,6 +496,134 @@ export class Qcow2Image implements GuestDevice {
     const end = Math.floor((guestOffset + length) / cs) * cs;
     if (end <= start) return;
     await this.owning(start, end - start, () => this.forEachTable(start, end - start, (g, n) => this.discardSegment(g, n)));
+  }
+
+  /**
+   * Change the virtual size. Growing makes the new range read as zeros (even where a longer
+   * backing file would show through); shrinking releases every cluster past the new end and
+   * refuses, unless `shrink` is set, when that would drop data.
+   */
+  async resize(newSize: number, options: { shrink?: boolean } = {}): Promise<void> {
+    this.writable("resize");
+    if (!Number.isSafeInteger(newSize) || newSize < 0 || newSize % 512 !== 0) {
+      throw new RangeError(`resize: size ${newSize} is not a non-negative multiple of 512`);
+    }
+    const oldSize = this.header.size;
+    if (newSize === oldSize) return;
+    const cs = this.clusterSize;
+    const span = this.map.l1Span;
+    // No request may be in flight over the range that appears or disappears.
+    const claim = this.map.inflight.claim(Math.floor(Math.min(oldSize, newSize) / cs), Infinity);
+    try {
+      await claim.ready;
+      if (newSize < oldSize) {
+        if (!options.shrink && (await this.allocatedBeyond(newSize))) {
+          throw new Qcow2Error(
+            Qcow2ErrorCode.NOT_SUPPORTED,
+            `${this.name}: shrinking to ${newSize} would drop data stored past it; pass { shrink: true } (qemu-img resize --shrink)`,
+          );
+        }
+        await this.map.lock.run(async () => {
+          await this.beginWrite();
+          await this.dropBeyond(Math.ceil(newSize / cs) * cs);
+          await this.map.writeBack(() => this.drainReads());
+          await this.writeHeaderSize(newSize);
+        });
+        return;
+      }
+      const l1Needed = Math.ceil(newSize / span);
+      await this.map.lock.run(async () => {
+        await this.beginWrite();
+        if (l1Needed > this.map.l1.size) await this.growL1(l1Needed, newSize);
+        else await this.writeHeaderSize(newSize);
+      });
+      // The bytes that become visible must read as zeros: the tail of a partial last cluster, and
+      // whatever a backing file longer than the old size holds there.
+      const backingEnd = this.backing ? Math.min(newSize, this.backing.virtualSize) : 0;
+      const zeroEnd = Math.max(Math.min(newSize, Math.ceil(oldSize / cs) * cs), backingEnd);
+      if (zeroEnd > oldSize) await this.zeroOwned(oldSize, zeroEnd - oldSize, false);
+      await this.flush();
+    } finally {
+      claim.release();
+    }
+  }
+
+  private async allocatedBeyond(guestOffset: number): Promise<boolean> {
+    for (let g = guestOffset; g < this.header.size; ) {
+      const run = await this.map.lookup(g, this.header.size - g, this.lookupFlags);
+      if (run.type !== L2_TYPE_UNALLOCATED && run.type !== L2_TYPE_ZERO_PLAIN) return true;
+      g += run.bytes;
+    }
+    return false;
+  }
+
+  /** Release every cluster from guest offset `from` (cluster aligned) on, and the L2 tables wholly past it. Under lock. */
+  private async dropBeyond(from: number): Promise<void> {
+    const cs = this.clusterSize;
+    const span = this.map.l1Span;
+    for (let l1Index = Math.floor(from / span); l1Index < this.map.l1.size; l1Index++) {
+      const l2Offset = this.map.l2TableOffset(l1Index);
+      if (l2Offset === 0) continue;
+      const tableStart = l1Index * span;
+      const start = Math.max(from, tableStart);
+      // Every path from the active L1 to these clusters goes away, shared table or not.
+      for (let g = start; g < tableStart + span; ) {
+        const run = await this.map.lookup(g, tableStart + span - g, this.lookupFlags);
+        const clusters = Math.ceil(run.bytes / cs);
+        this.map.release(run, clusters);
+        g += run.bytes;
+      }
+      if (start === tableStart) {
+        this.map.l1.set(l1Index, 0, false);
+        this.map.refcounts!.releaseLater(l2Offset / cs, 1);
+      } else {
+        const writable = await this.map.writableL2(l1Index);
+        const first = (start - tableStart) / cs;
+        await this.map.setEntries(writable, first, this.map.l2Entries - first, 0, false, false);
+      }
+    }
+  }
+
+  /** Write the virtual size into the header (bytes 24..31), durably. */
+  private async writeHeaderSize(size: number): Promise<void> {
+    const bytes = new Uint8Array(8);
+    setU64(new DataView(bytes.buffer), 0, size);
+    await this.backend.write(bytes, 24);
+    await this.backend.flush();
+    this.header.size = size;
+  }
+
+  /**
+   * Move the L1 table to a larger one: everything pending is written first, then the new table,
+   * then the header (size, l1_size and l1_table_offset in one write), and only then is the old
+   * table released. Under lock.
+   */
+  private async growL1(l1Size: number, newSize: number): Promise<void> {
+    const cs = this.clusterSize;
+    await this.map.writeBack(() => this.drainReads());
+    const old = this.map.l1;
+    const oldOffset = this.map.l1TableOffset;
+    const oldClusters = Math.ceil((old.size * 8) / cs);
+    const grown = old.grown(l1Size);
+    const offset = await this.map.refcounts!.allocate(Math.ceil((l1Size * 8) / cs));
+    await this.map.writeBack(() => this.drainReads());
+    await this.backend.write(grown.bytes, offset);
+    await this.backend.flush();
+    const fields = new Uint8Array(24);
+    const dv = new DataView(fields.buffer);
+    setU64(dv, 0, newSize);
+    dv.setUint32(8, this.header.cryptMethod);
+    dv.setUint32(12, l1Size);
+    setU64(dv, 16, offset);
+    await this.backend.write(fields, 24);
+    await this.backend.flush();
+    this.map.l1 = grown;
+    this.map.l1TableOffset = offset;
+    this.header.size = newSize;
+    this.header.l1Size = l1Size;
+    this.header.l1TableOffset = offset;
+    if (oldOffset !== 0 && oldClusters > 0) this.map.refcounts!.releaseLater(oldOffset / cs, oldClusters);
+    await this.map.writeBack(() => this.drainReads());
   }
 
   /** Make every completed write durable. */
