@@ -1,7 +1,7 @@
 // Node entry: the core, plus file paths, node:zlib and the Node file backend.
 import path from "node:path";
 import { NodeFileBackend } from "./io/node-file.js";
-import { NodeZlibInflater } from "./codecs/node-zlib.js";
+import { NodeZlibDeflater, NodeZlibInflater } from "./codecs/node-zlib.js";
 import { registerPlatform } from "./platform.js";
 
 registerPlatform({
@@ -10,8 +10,9 @@ registerPlatform({
   resolveBackingPath: (backingFile, imageName) =>
     path.isAbsolute(backingFile) ? backingFile : path.join(path.dirname(imageName), backingFile),
   createInflater: () => new NodeZlibInflater(),
+  createDeflater: () => new NodeZlibDeflater(),
 });
 
 export * from "./index.js";
 export { NodeFileBackend, type NodeFileOptions } from "./io/node-file.js";
-export { NodeZlibInflater } from "./codecs/node-zlib.js";
+export { NodeZlibDeflater, NodeZlibInflater } from "./codecs/node-zlib.js";

@@ -1,8 +1,8 @@
 // What the platform entry points (./node, ./browser) plug into the core. The core itself imports no
 // platform module; `qcow2-wasm/node` fills these in when it is imported.
 
-import type { ClusterInflater } from "./codecs/deflate.js";
-import { PakoInflater } from "./codecs/deflate.js";
+import type { ClusterDeflater, ClusterInflater } from "./codecs/deflate.js";
+import { PakoDeflater, PakoInflater } from "./codecs/deflate.js";
 import type { BlockBackend } from "./io/backend.js";
 
 export interface FileOpenOptions {
@@ -18,10 +18,13 @@ export interface Platform {
   resolveBackingPath?: (backingFile: string, imageName: string) => string;
   /** A fresh inflater for compressed clusters. */
   createInflater: () => ClusterInflater;
+  /** A fresh deflater for compressed writes. */
+  createDeflater: () => ClusterDeflater;
 }
 
 export const platform: Platform = {
   createInflater: () => new PakoInflater(),
+  createDeflater: () => new PakoDeflater(),
 };
 
 export function registerPlatform(overrides: Partial<Platform>): void {

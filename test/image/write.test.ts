@@ -1,4 +1,4 @@
-// Randomized differential test of the write engine: mixed writes, zero-writes and discards,
+// Randomized differential test of the write engine: mixed writes, compressed writes, zero-writes and discards,
 // unaligned and cross-cluster, up to 32 in flight with overlaps, against a plain in-memory model.
 // Afterwards every byte matches the model, qemu-img check finds nothing, and qemu-img compare
 // says the image equals the model's raw file. Fixed seeds; QCOW2_LONG=1 runs 10x the operations.
@@ -84,13 +84,20 @@ async function runWorkload(dir: string, c: Config, seed: number): Promise<void> 
   for (let i = 0; i < ops; i++) {
     const r = rand();
     const big = rand() < 0.1;
-    const length = Math.max(1, Math.floor(rand() * (big ? Math.min(40 * cs, 6 << 20) : 3 * cs)) + (rand() < 0.3 ? 0 : Math.floor(rand() * 700)));
+    const length = Math.max(1, Math.floor(rand() * (big ? Math.min(Math.max(40 * cs, 300 * 512), 6 << 20) : 3 * cs)) + (rand() < 0.3 ? 0 : Math.floor(rand() * 700)));
     const start = Math.min(size - 1, Math.floor(rand() * size));
     const len = Math.min(length, size - start);
-    if (r < 0.62) {
+    if (r < 0.56) {
       const data = fill(rand, len);
       model.set(data, start);
       pending.push(image.write(start, data));
+    } else if (r < 0.64) {
+      // Whole clusters, compressed: compressible data, or random data that is stored plainly.
+      const first = Math.floor(start / cs) * cs;
+      const bytes = Math.min(size - first, Math.max(cs, Math.floor(len / cs) * cs));
+      const data = rand() < 0.7 ? fill(rand, bytes).map((b, i) => (i % 64 < 48 ? 0x41 : b)) : fill(rand, bytes).map((b, i) => (b * (i + 7) * 2654435761) >>> 24);
+      model.set(data, first);
+      pending.push(image.writeCompressed(first, data));
     } else if (r < 0.82) {
       model.fill(0, start, start + len);
       pending.push(image.writeZeroes(start, len, { mayUnmap: rand() < 0.5 }));

@@ -4,6 +4,7 @@
 // stream are ignored, and output past one cluster is never produced.
 
 import {
+  deflateRaw,
   ZStream,
   Z_BUF_ERROR,
   Z_FINISH,
@@ -47,3 +48,19 @@ export class PakoInflater implements ClusterInflater {
 }
 
 const EMPTY = new Uint8Array(0);
+
+export interface ClusterDeflater {
+  /**
+   * Compress one cluster as qemu does (raw deflate, 4 KiB window, memLevel 9, default level);
+   * undefined when the result would not be smaller than `limit` bytes.
+   */
+  deflate(src: Uint8Array, limit: number): Uint8Array | undefined;
+}
+
+/** Portable deflater (pako). */
+export class PakoDeflater implements ClusterDeflater {
+  deflate(src: Uint8Array, limit: number): Uint8Array | undefined {
+    const out = deflateRaw(src, { windowBits: 12, memLevel: 9, level: 6 });
+    return out.length < limit ? out : undefined;
+  }
+}

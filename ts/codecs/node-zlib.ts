@@ -1,7 +1,7 @@
 // node:zlib inflater: native zlib, 2.3-3.4x pako per 64 KiB cluster (bench/io-backend.mjs).
 
 import zlib from "node:zlib";
-import { PakoInflater, type ClusterInflater } from "./deflate.js";
+import { PakoInflater, type ClusterDeflater, type ClusterInflater } from "./deflate.js";
 
 export class NodeZlibInflater implements ClusterInflater {
   // Streams that inflate past one cluster are legal (qemu keeps the first cluster); node:zlib
@@ -24,5 +24,12 @@ export class NodeZlibInflater implements ClusterInflater {
     if (out.length !== dst.length) return false;
     dst.set(out);
     return true;
+  }
+}
+
+export class NodeZlibDeflater implements ClusterDeflater {
+  deflate(src: Uint8Array, limit: number): Uint8Array | undefined {
+    const out = zlib.deflateRawSync(src, { windowBits: 12, memLevel: 9, level: 6 });
+    return out.length < limit ? out : undefined;
   }
 }

@@ -48,6 +48,8 @@ export class Refcounts {
   private readonly pending = new Map<number, number>();
   /** Where the free-cluster search starts. */
   private freeHint = 0;
+  /** Next free byte in the cluster compressed streams are being packed into, 0 for none. */
+  private freeByteOffset = 0;
 
   private constructor(options: RefcountsOptions, table: Uint8Array) {
     this.backend = options.backend;
@@ -184,31 +186,42 @@ export class Refcounts {
 
   /** Find and take `count` contiguous free clusters; returns the host offset of the first. */
   async allocate(count: number): Promise<number> {
+    const cluster = await this.allocateFrom(count, this.freeHint);
+    this.freeHint = cluster + count;
+    return cluster * this.clusterSize;
+  }
+
+  /** Take the first run of `count` free clusters at or after cluster `from`; returns its first cluster. */
+  private async allocateFrom(count: number, from: number): Promise<number> {
+    const e = this.entriesPerBlock;
     for (;;) {
-      const start = await this.findFreeRun(count);
+      const start = await this.findFreeRun(count, from);
       if ((start + count) * this.clusterSize > 2 ** 53 || start + count >= 2 ** (MAX_CLUSTER_INDEX_BITS - this.clusterBits)) {
         throw new Qcow2Error(Qcow2ErrorCode.LIMIT_EXCEEDED, `no room for ${count} more clusters below the host offset limit`);
       }
-      const e = this.entriesPerBlock;
-      let created = false;
+      let missing = -1;
       for (let ti = Math.floor(start / e); ti <= Math.floor((start + count - 1) / e); ti++) {
         if (this.blockOffset(ti) === 0) {
-          await this.createBlock(ti);
-          created = true;
+          missing = ti;
+          break;
         }
       }
-      // A new block may have landed inside the run: search again.
-      if (created) continue;
-      await this.add(start, count, 1);
-      this.freeHint = start + count;
-      return start * this.clusterSize;
+      if (missing < 0) {
+        await this.add(start, count, 1);
+        return start;
+      }
+      if (missing >= this.tableEntries) await this.growTable(missing);
+      else if (count > 1 && missing * e >= start && missing * e < start + count) await this.createBlockAfter(missing, start + count);
+      else await this.createBlock(missing);
+      // The new block or table may sit where the run was: search again.
     }
   }
 
-  private async findFreeRun(count: number): Promise<number> {
+  /** The first run of `count` free clusters at or after cluster `from`. */
+  private async findFreeRun(count: number, from: number): Promise<number> {
     const e = this.entriesPerBlock;
     const x = this.core.exports;
-    let c = this.freeHint;
+    let c = from;
     let runStart = c;
     let runLength = 0;
     while (runLength < count) {
@@ -245,14 +258,40 @@ export class Refcounts {
 
   /** Create refcount block `tableIndex` at the first cluster of the range it describes. */
   private async createBlock(tableIndex: number): Promise<void> {
-    if (tableIndex >= this.tableEntries) {
-      await this.growTable(tableIndex);
-      return;
-    }
     const blockCluster = tableIndex * this.entriesPerBlock;
     const ptr = await this.blocks.create(blockCluster * this.clusterSize);
     this.core.exports.refcountSet(ptr, 0, this.order, 1);
     this.setBlockOffset(tableIndex, blockCluster * this.clusterSize);
+  }
+
+  /**
+   * Create refcount block `tableIndex` somewhere past cluster `after`: a run longer than one
+   * block's range cannot start each range with that range's own block and stay contiguous.
+   */
+  private async createBlockAfter(tableIndex: number, after: number): Promise<void> {
+    const e = this.entriesPerBlock;
+    const blockCluster = await this.allocateFrom(1, Math.ceil(after / e) * e);
+    await this.blocks.create(blockCluster * this.clusterSize);
+    this.setBlockOffset(tableIndex, blockCluster * this.clusterSize);
+  }
+
+  /**
+   * Room for a compressed stream of `size` bytes (at most one cluster), packed byte-granular after
+   * the previous one as qemu packs them. A host cluster's refcount counts the streams in it.
+   */
+  async allocateBytes(size: number): Promise<number> {
+    const cs = this.clusterSize;
+    if (size <= 0 || size > cs) throw new RangeError(`allocateBytes: size ${size} is not 1..${cs}`);
+    const offset = this.freeByteOffset;
+    // Share the cluster only while its refcount has room (1-bit refcounts never share).
+    if (offset !== 0 && (offset % cs) + size <= cs && (await this.get(Math.floor(offset / cs))) < this.maxRefcount) {
+      await this.add(Math.floor(offset / cs), 1, 1);
+      this.freeByteOffset = (offset + size) % cs === 0 ? 0 : offset + size;
+      return offset;
+    }
+    const fresh = await this.allocate(1);
+    this.freeByteOffset = size === cs ? 0 : fresh + size;
+    return fresh;
   }
 
   /**
