@@ -236,11 +236,13 @@ export class ClusterMap {
    * guest data, refcount increments, L2 tables, L1 entries, and only then the decrements of
    * clusters those tables stopped pointing at. Call under `lock`. `beforeRelease` runs before
    * decrements are applied (the image waits there for reads that may still use freed clusters).
+   * With `lazyRefcounts` (the image is marked dirty) refcount blocks are left in the cache: a crash
+   * then leaves stale refcounts, which the next read-write open rebuilds.
    */
-  async writeBack(beforeRelease: () => Promise<void>): Promise<void> {
+  async writeBack(beforeRelease: () => Promise<void>, lazyRefcounts = false): Promise<void> {
     const refcounts = this.refcounts;
     await this.backend.flush();
-    if (refcounts?.hasDirty()) {
+    if (!lazyRefcounts && refcounts?.hasDirty()) {
       await refcounts.writeBack();
       await this.backend.flush();
     }
@@ -261,8 +263,10 @@ export class ClusterMap {
     if (refcounts?.hasPendingDecrements()) {
       await beforeRelease();
       await refcounts.applyDecrements();
-      await refcounts.writeBack();
-      await this.backend.flush();
+      if (!lazyRefcounts) {
+        await refcounts.writeBack();
+        await this.backend.flush();
+      }
     }
   }
 }

@@ -25,6 +25,7 @@ import { setU64 } from "../format/bytes.js";
 import { ClusterMap, type Run } from "./cluster-map.js";
 import { Refcounts } from "./refcounts.js";
 import { formatImage, resolveCreateOptions, type CreateOptions, type Preallocation } from "./create.js";
+import { rebuildRefcounts, writeIncompatible } from "./rebuild.js";
 import type { ClusterDeflater, ClusterInflater } from "../codecs/deflate.js";
 import { platform } from "../platform.js";
 import { WasmCore, type WasmVariant } from "../wasm/core.js";
@@ -175,7 +176,11 @@ export class Qcow2Image implements GuestDevice {
       await readFully(backend, cluster0, 0);
       const header = parseHeader(cluster0);
       refuseFeatures(header, backend.name);
-      if (!readOnly) refuseWrites(header, backend.name);
+      if (!readOnly) {
+        refuseWrites(header, backend.name);
+        // Lazy refcounts after an unclean shutdown: refcounts may be stale. Rebuild, as qemu does.
+        if (header.incompatibleFeatures & BigInt(INCOMPAT_DIRTY)) await rebuildRefcounts(backend, header);
+      }
 
       const l1 = new L1Table(header.l1Size);
       await readFully(backend, l1.bytes, header.l1TableOffset);
@@ -311,7 +316,14 @@ export class Qcow2Image implements GuestDevice {
   async close(): Promise<void> {
     if (this.closed) return;
     try {
-      if (!this.readOnly) await this.flush();
+      if (!this.readOnly) {
+        await this.flush();
+        if (this.isDirty) {
+          // A clean close: every refcount on disk, then the dirty bit cleared.
+          await this.map.lock.run(() => this.map.writeBack(() => this.drainReads()));
+          await writeIncompatible(this.backend, this.header, this.header.incompatibleFeatures & ~BigInt(INCOMPAT_DIRTY));
+        }
+      }
     } finally {
       this.closed = true;
       try {
@@ -685,8 +697,13 @@ export class Qcow2Image implements GuestDevice {
   async flush(): Promise<void> {
     this.live("flush");
     if (this.readOnly) return;
-    await this.map.lock.run(() => this.map.writeBack(() => this.drainReads()));
+    await this.map.lock.run(() => this.map.writeBack(() => this.drainReads(), this.isDirty));
     this.fileSize = await this.backend.size();
+  }
+
+  /** The dirty bit is set: refcount writes may be postponed. */
+  private get isDirty(): boolean {
+    return (this.header.incompatibleFeatures & BigInt(INCOMPAT_DIRTY)) !== 0n;
   }
 
   private async drainReads(): Promise<void> {
@@ -715,7 +732,16 @@ export class Qcow2Image implements GuestDevice {
       await this.backend.flush();
       h.autoclearFeatures = autoclear;
     }
+    if (this.lazyRefcounts) {
+      // From here refcount blocks may lag behind the tables until a clean close.
+      await writeIncompatible(this.backend, h, h.incompatibleFeatures | BigInt(INCOMPAT_DIRTY));
+    }
     this.writeStarted = true;
+  }
+
+  /** v3 lazy refcounts: refcount writes wait for close, with the image marked dirty meanwhile. */
+  private get lazyRefcounts(): boolean {
+    return (this.header.compatibleFeatures & BigInt(COMPAT_LAZY_REFCOUNTS)) !== 0n && this.header.version >= 3;
   }
 
   /** Write inside one L2 table; the caller owns the clusters. */
@@ -1093,12 +1119,6 @@ async function settleAll(jobs: Promise<void>[]): Promise<void> {
 function refuseWrites(header: Qcow2Header, name: string): void {
   if (header.incompatibleFeatures & BigInt(INCOMPAT_CORRUPT)) {
     throw new Qcow2Error(Qcow2ErrorCode.CORRUPT, `${name}: the image is marked corrupt; it can only be opened read-only (repair it with check)`);
-  }
-  if (header.incompatibleFeatures & BigInt(INCOMPAT_DIRTY)) {
-    throw new Qcow2Error(
-      Qcow2ErrorCode.NOT_SUPPORTED,
-      `${name}: the image is dirty (lazy refcounts after an unclean shutdown); rebuilding its refcounts is not supported yet`,
-    );
   }
   if (header.cryptMethod !== CRYPT_NONE) {
     throw new Qcow2Error(Qcow2ErrorCode.ENCRYPTED, `${name}: writing encrypted images is not supported yet`);
