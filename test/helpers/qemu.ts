@@ -6,6 +6,7 @@ import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import path from "node:path";
 import { afterAll, describe } from "vitest";
+import type { MapEntry } from "../../ts/ops/map.js";
 
 export const hasQemu = spawnSync("qemu-img", ["--version"]).status === 0;
 
@@ -33,15 +34,8 @@ export function qemuIo(file: string, commands: string[], extra: string[] = []): 
   return execFileSync("qemu-io", args, { encoding: "utf8", maxBuffer: 1 << 30 });
 }
 
-export interface QemuMapEntry {
-  start: number;
-  length: number;
-  depth: number;
-  present: boolean;
-  zero: boolean;
-  data: boolean;
-  offset?: number;
-}
+/** What qemu-img map --output=json prints per entry: the same shape as our MapEntry. */
+export type QemuMapEntry = MapEntry;
 
 export function qemuMap(file: string): QemuMapEntry[] {
   return JSON.parse(qemuImg(["map", "--output=json", file])) as QemuMapEntry[];

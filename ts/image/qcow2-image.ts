@@ -21,11 +21,11 @@ import {
 } from "../format/constants.js";
 import { HEADER_PROBE_SIZE, featureBits, featureName, parseHeader, probeHeader, type Qcow2Header } from "../format/header.js";
 import { L1Table } from "../format/l1.js";
-import { setU64 } from "../format/bytes.js";
 import { ClusterMap, type Run } from "./cluster-map.js";
 import { Refcounts } from "./refcounts.js";
 import { formatImage, resolveCreateOptions, type CreateOptions, type Preallocation } from "./create.js";
-import { rebuildRefcounts, writeIncompatible } from "./rebuild.js";
+import { rebuildRefcounts } from "./rebuild.js";
+import { writeAutoclear, writeIncompatible, writeRefcountTablePointer, writeSize, writeSizeAndL1 } from "../format/header-update.js";
 import type { ClusterDeflater, ClusterInflater } from "../codecs/deflate.js";
 import { platform } from "../platform.js";
 import { WasmCore, type WasmVariant } from "../wasm/core.js";
@@ -204,17 +204,8 @@ export class Qcow2Image implements GuestDevice {
               tableOffset: header.refcountTableOffset,
               tableClusters: header.refcountTableClusters,
               cacheSize: options.refcountCacheSize ?? DEFAULT_REFCOUNT_CACHE_SIZE,
-              writeTablePointer: async (tableOffset, tableClusters) => {
-                const bytes = new Uint8Array(12);
-                const dv = new DataView(bytes.buffer);
-                dv.setUint32(0, Math.floor(tableOffset / 0x100000000));
-                dv.setUint32(4, tableOffset >>> 0);
-                dv.setUint32(8, tableClusters);
-                await backend.write(bytes, 48);
-                await backend.flush();
-                header.refcountTableOffset = tableOffset;
-                header.refcountTableClusters = tableClusters;
-              },
+              writeTablePointer: (tableOffset, tableClusters) =>
+                writeRefcountTablePointer(backend, header, tableOffset, tableClusters),
             });
         const map = new ClusterMap({
           name: backend.name,
@@ -541,7 +532,7 @@ export class Qcow2Image implements GuestDevice {
           await this.beginWrite();
           await this.dropBeyond(Math.ceil(newSize / cs) * cs);
           await this.map.writeBack(() => this.drainReads());
-          await this.writeHeaderSize(newSize);
+          await writeSize(this.backend, this.header, newSize);
         });
         return;
       }
@@ -549,7 +540,7 @@ export class Qcow2Image implements GuestDevice {
       await this.map.lock.run(async () => {
         await this.beginWrite();
         if (l1Needed > this.map.l1.size) await this.growL1(l1Needed, newSize);
-        else await this.writeHeaderSize(newSize);
+        else await writeSize(this.backend, this.header, newSize);
       });
       // The bytes that become visible must read as zeros: the tail of a partial last cluster, and
       // whatever a backing file longer than the old size holds there.
@@ -598,15 +589,6 @@ export class Qcow2Image implements GuestDevice {
     }
   }
 
-  /** Write the virtual size into the header (bytes 24..31), durably. */
-  private async writeHeaderSize(size: number): Promise<void> {
-    const bytes = new Uint8Array(8);
-    setU64(new DataView(bytes.buffer), 0, size);
-    await this.backend.write(bytes, 24);
-    await this.backend.flush();
-    this.header.size = size;
-  }
-
   /**
    * Move the L1 table to a larger one: everything pending is written first, then the new table,
    * then the header (size, l1_size and l1_table_offset in one write), and only then is the old
@@ -623,19 +605,9 @@ export class Qcow2Image implements GuestDevice {
     await this.map.writeBack(() => this.drainReads());
     await this.backend.write(grown.bytes, offset);
     await this.backend.flush();
-    const fields = new Uint8Array(24);
-    const dv = new DataView(fields.buffer);
-    setU64(dv, 0, newSize);
-    dv.setUint32(8, this.header.cryptMethod);
-    dv.setUint32(12, l1Size);
-    setU64(dv, 16, offset);
-    await this.backend.write(fields, 24);
-    await this.backend.flush();
+    await writeSizeAndL1(this.backend, this.header, newSize, l1Size, offset);
     this.map.l1 = grown;
     this.map.l1TableOffset = offset;
-    this.header.size = newSize;
-    this.header.l1Size = l1Size;
-    this.header.l1TableOffset = offset;
     if (oldOffset !== 0 && oldClusters > 0) this.map.refcounts!.releaseLater(oldOffset / cs, oldClusters);
     await this.map.writeBack(() => this.drainReads());
   }
@@ -725,12 +697,7 @@ export class Qcow2Image implements GuestDevice {
     if (this.writeStarted) return;
     const h = this.header;
     if (h.version >= 3 && (h.autoclearFeatures & ~BigInt(QCOW2_AUTOCLEAR_MASK)) !== 0n) {
-      const autoclear = h.autoclearFeatures & BigInt(QCOW2_AUTOCLEAR_MASK);
-      const bytes = new Uint8Array(8);
-      new DataView(bytes.buffer).setBigUint64(0, autoclear);
-      await this.backend.write(bytes, 88);
-      await this.backend.flush();
-      h.autoclearFeatures = autoclear;
+      await writeAutoclear(this.backend, h, h.autoclearFeatures & BigInt(QCOW2_AUTOCLEAR_MASK));
     }
     if (this.lazyRefcounts) {
       // From here refcount blocks may lag behind the tables until a clean close.

@@ -8,6 +8,7 @@ import { readFully, type BlockBackend } from "../io/backend.js";
 import { getU64, view } from "../format/bytes.js";
 import { INCOMPAT_DIRTY, QCOW_MAX_REFTABLE_SIZE } from "../format/constants.js";
 import type { Qcow2Header } from "../format/header.js";
+import { writeIncompatible, writeRefcountTablePointer } from "../format/header-update.js";
 
 /** Clusters the count array may grow to (4 bytes each): 1 GiB of counts. */
 const MAX_COUNTED_CLUSTERS = 2 ** 28;
@@ -181,24 +182,7 @@ export async function rebuildRefcounts(backend: BlockBackend, h: Qcow2Header): P
   await backend.write(out, first * cs);
   await backend.write(table, tableOffset);
   await backend.flush();
-  const pointer = new Uint8Array(12);
-  const pdv = view(pointer);
-  pdv.setUint32(0, Math.floor(tableOffset / 0x100000000));
-  pdv.setUint32(4, tableOffset >>> 0);
-  pdv.setUint32(8, tableClusters);
-  await backend.write(pointer, 48);
-  await backend.flush();
-  h.refcountTableOffset = tableOffset;
-  h.refcountTableClusters = tableClusters;
+  await writeRefcountTablePointer(backend, h, tableOffset, tableClusters);
   await writeIncompatible(backend, h, h.incompatibleFeatures & ~BigInt(INCOMPAT_DIRTY));
   return { tableOffset, tableClusters };
-}
-
-/** Write the incompatible feature bits (bytes 72..79), durably. */
-export async function writeIncompatible(backend: BlockBackend, h: Qcow2Header, bits: bigint): Promise<void> {
-  const bytes = new Uint8Array(8);
-  view(bytes).setBigUint64(0, bits);
-  await backend.write(bytes, 72);
-  await backend.flush();
-  h.incompatibleFeatures = bits;
 }
