@@ -1,6 +1,6 @@
 // Runs every benchmark in its own process, then prints the headline rows as one Markdown table
 // for the README. `npm run bench` builds first; `node bench/run.mjs --quick` is a reduced run
-// (128 MiB image, short benchmark.js cases) that finishes in under a minute.
+// (smaller images, short benchmark.js cases, fewer rounds) that finishes in about a minute.
 
 import { spawnSync } from "node:child_process";
 import { readFileSync, rmSync } from "node:fs";
@@ -8,7 +8,7 @@ import os from "node:os";
 import path from "node:path";
 import { BENCH_DIR, QUICK, fmt } from "./_common.mjs";
 
-const SCRIPTS = ["read-sequential.mjs", "l2-lookup.mjs", "io-backend.mjs", "write.mjs"];
+const SCRIPTS = ["read-sequential.mjs", "l2-lookup.mjs", "io-backend.mjs", "write.mjs", "write-compressed.mjs"];
 
 const started = performance.now();
 const headlines = path.join(os.tmpdir(), `qcow2-wasm-bench-${process.pid}.jsonl`);

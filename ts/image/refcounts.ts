@@ -277,19 +277,28 @@ export class Refcounts {
 
   /**
    * Room for a compressed stream of `size` bytes (at most one cluster), packed byte-granular after
-   * the previous one as qemu packs them. A host cluster's refcount counts the streams in it.
+   * the previous one as qemu packs them: a stream that does not fit in what is left of the current
+   * host cluster runs on into the next one when the allocator hands out the cluster right after it.
+   * Each host cluster's refcount counts the streams that touch it.
    */
   async allocateBytes(size: number): Promise<number> {
     const cs = this.clusterSize;
     if (size <= 0 || size > cs) throw new RangeError(`allocateBytes: size ${size} is not 1..${cs}`);
     const offset = this.freeByteOffset;
+    const current = Math.floor(offset / cs);
     // Share the cluster only while its refcount has room (1-bit refcounts never share).
-    if (offset !== 0 && (offset % cs) + size <= cs && (await this.get(Math.floor(offset / cs))) < this.maxRefcount) {
-      await this.add(Math.floor(offset / cs), 1, 1);
+    const shareable = offset !== 0 && (await this.get(current)) < this.maxRefcount;
+    if (shareable && (offset % cs) + size <= cs) {
+      await this.add(current, 1, 1);
       this.freeByteOffset = (offset + size) % cs === 0 ? 0 : offset + size;
       return offset;
     }
     const fresh = await this.allocate(1);
+    if (shareable && fresh === (current + 1) * cs) {
+      await this.add(current, 1, 1);
+      this.freeByteOffset = offset + size;
+      return offset;
+    }
     this.freeByteOffset = size === cs ? 0 : fresh + size;
     return fresh;
   }
