@@ -1,7 +1,8 @@
 // Shared by the bench/*.mjs scripts: flags, the cache directory, formatting, seeded data, and the
 // headline rows that bench/run.mjs collects into one Markdown table.
 
-import { appendFileSync, mkdirSync, openSync, readSync, closeSync } from "node:fs";
+import { spawnSync } from "node:child_process";
+import { appendFileSync, mkdirSync, openSync, readSync, closeSync, statfsSync } from "node:fs";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 
@@ -22,6 +23,28 @@ export const SCRATCH_DIR = (() => {
     return dir;
   }
 })();
+
+/** tmpfs when it has `need` bytes free, else bench/out/scratch. */
+export function scratchDirFor(need) {
+  try {
+    const dir = "/dev/shm/qcow2-wasm-bench";
+    mkdirSync(dir, { recursive: true });
+    const s = statfsSync(dir);
+    if (s.bavail * s.bsize >= need) return dir;
+  } catch {
+    // No /dev/shm.
+  }
+  const dir = path.join(OUT_DIR, "scratch");
+  mkdirSync(dir, { recursive: true });
+  return dir;
+}
+
+/** Run a command; throw with its stderr when it fails (unless allowFail). */
+export function run(cmd, args, { allowFail = false } = {}) {
+  const r = spawnSync(cmd, args, { encoding: "utf8" });
+  if (r.status !== 0 && !allowFail) throw new Error(`${cmd} ${args.join(" ")} failed (${r.status}): ${r.stderr}`);
+  return r;
+}
 
 export const QUICK = process.argv.includes("--quick");
 

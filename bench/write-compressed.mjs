@@ -25,11 +25,10 @@
 //
 //   node bench/write-compressed.mjs [--quick] [--clusters=64,4]   (cluster sizes in KiB)
 
-import { spawnSync } from "node:child_process";
-import { closeSync, existsSync, mkdirSync, openSync, readFileSync, readSync, renameSync, rmSync, statSync, statfsSync, writeSync } from "node:fs";
+import { closeSync, existsSync, mkdirSync, openSync, readFileSync, readSync, renameSync, rmSync, statSync, writeSync } from "node:fs";
 import path from "node:path";
 import { Qcow2Image } from "../build/node.js";
-import { MiB, OUT_DIR, QUICK, best, fillText, fmt, fmtRatio, headline, median, now, printTable, rng32, section, warmPageCache } from "./_common.mjs";
+import { MiB, OUT_DIR, QUICK, best, fillText, fmt, fmtRatio, headline, median, now, printTable, rng32, section, warmPageCache, run, scratchDirFor } from "./_common.mjs";
 
 const KiB = 1024;
 const MEASURED = QUICK ? 3 : 5;
@@ -41,26 +40,8 @@ const CLUSTERS = (process.argv.find((a) => a.startsWith("--clusters="))?.slice("
 );
 
 /** tmpfs when it has room for both outputs at once (uncompressed size, worst case), else bench/out. */
-const SCRATCH = (() => {
-  const need = 2 * SIZE + 256 * MiB;
-  try {
-    const dir = "/dev/shm/qcow2-wasm-bench";
-    mkdirSync(dir, { recursive: true });
-    const s = statfsSync(dir);
-    if (s.bavail * s.bsize >= need) return dir;
-  } catch {
-    // No /dev/shm.
-  }
-  const dir = path.join(OUT_DIR, "scratch");
-  mkdirSync(dir, { recursive: true });
-  return dir;
-})();
+const SCRATCH = scratchDirFor(2 * SIZE + 256 * MiB);
 
-function run(cmd, args, { allowFail = false } = {}) {
-  const r = spawnSync(cmd, args, { encoding: "utf8" });
-  if (r.status !== 0 && !allowFail) throw new Error(`${cmd} ${args.join(" ")} failed (${r.status}): ${r.stderr}`);
-  return r;
-}
 
 const sizeLabel = (s) => (s % MiB === 0 ? `${s / MiB} MiB` : `${s / KiB} KiB`);
 

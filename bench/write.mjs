@@ -37,11 +37,10 @@
 //
 //   node bench/write.mjs [--quick] [--only=seq,rewrite,cow,seq4k]
 
-import { spawnSync } from "node:child_process";
-import { copyFileSync, mkdirSync, rmSync, statfsSync } from "node:fs";
+import { copyFileSync, mkdirSync, rmSync } from "node:fs";
 import path from "node:path";
 import { Qcow2Image } from "../build/node.js";
-import { GiB, MiB, OUT_DIR, QUICK, best, fmt, fmtOps, fmtRatio, headline, median, now, printTable, section } from "./_common.mjs";
+import { GiB, MiB, OUT_DIR, QUICK, best, fmt, fmtOps, fmtRatio, headline, median, now, printTable, section, run, scratchDirFor } from "./_common.mjs";
 
 const KiB = 1024;
 const MEASURED = QUICK ? 3 : 5;
@@ -55,26 +54,8 @@ const DEPTHS = [1, 16];
 const ONLY = process.argv.find((a) => a.startsWith("--only="))?.slice("--only=".length).split(",");
 
 /** tmpfs when it has room for three images at once (ours, qemu's, the preallocated base), else bench/out. */
-const SCRATCH = (() => {
-  const need = 3 * DISK + 256 * MiB;
-  try {
-    const dir = "/dev/shm/qcow2-wasm-bench";
-    mkdirSync(dir, { recursive: true });
-    const s = statfsSync(dir);
-    if (s.bavail * s.bsize >= need) return dir;
-  } catch {
-    // No /dev/shm.
-  }
-  const dir = path.join(OUT_DIR, "scratch");
-  mkdirSync(dir, { recursive: true });
-  return dir;
-})();
+const SCRATCH = scratchDirFor(3 * DISK + 256 * MiB);
 
-function run(cmd, args, { allowFail = false } = {}) {
-  const r = spawnSync(cmd, args, { encoding: "utf8" });
-  if (r.status !== 0 && !allowFail) throw new Error(`${cmd} ${args.join(" ")} failed (${r.status}): ${r.stderr}`);
-  return r;
-}
 
 const sizeLabel = (s) => (s % GiB === 0 ? `${s / GiB} GiB` : s % MiB === 0 ? `${s / MiB} MiB` : `${s / KiB} KiB`);
 const sizeArg = (s) => `${s / KiB}K`;
