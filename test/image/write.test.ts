@@ -141,3 +141,24 @@ describeQemu("randomized writes against a model", () => {
     }, 120_000);
   }
 });
+
+it("does not pack a compressed cluster into a host cluster freed and reused since the last one", async () => {
+  const { MemoryBackend } = await import("../../ts/index.js");
+  const cs = 65536;
+  const backend = new MemoryBackend();
+  const image = await Qcow2Image.create(backend, { size: 16 * cs, clusterSize: cs });
+  const text = new Uint8Array(cs).map((_, i) => 65 + (i % 7));
+  await image.writeCompressed(0, text); // packed into a fresh host cluster, room left after it
+  await image.write(0, new Uint8Array(cs).fill(1)); // replaces it: the host cluster is released
+  await image.flush(); // ...and free from here on
+  const other = new Uint8Array(cs).fill(2);
+  await image.write(5 * cs, other); // may take the freed host cluster
+  const more = new Uint8Array(cs).map((_, i) => 97 + (i % 5));
+  await image.writeCompressed(9 * cs, more);
+  expect(Buffer.compare(await image.read(5 * cs, cs), other)).toBe(0);
+  expect(Buffer.compare(await image.read(9 * cs, cs), more)).toBe(0);
+  await image.close();
+  await using again = await Qcow2Image.open(new MemoryBackend(backend.bytes().slice(), { readOnly: true }));
+  expect(Buffer.compare(await again.read(5 * cs, cs), other)).toBe(0);
+  expect(Buffer.compare(await again.read(9 * cs, cs), more)).toBe(0);
+});

@@ -160,6 +160,10 @@ export class Refcounts {
     for (const [cluster, count] of clusters) {
       await this.add(cluster, 1, -count);
       if (cluster < this.freeHint) this.freeHint = cluster;
+      // A freed cluster may go to anyone next: stop packing compressed streams into it.
+      if (this.freeByteOffset !== 0 && Math.floor(this.freeByteOffset / this.clusterSize) === cluster && (await this.get(cluster)) === 0) {
+        this.freeByteOffset = 0;
+      }
     }
   }
 
