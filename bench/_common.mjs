@@ -157,3 +157,32 @@ export function headline(benchmark, ours, baseline, ratio) {
 export function section(title) {
   console.log(`\n## ${title}\n`);
 }
+
+/**
+ * `qemu-img check --output=json` of an image we wrote: { problem, facts }, problem undefined when
+ * it is clean (and, with requireCompressed, holds compressed clusters).
+ */
+export function qemuCheck(file, { requireCompressed = false } = {}) {
+  const r = run("qemu-img", ["check", "--output=json", file], { allowFail: true });
+  let facts;
+  try {
+    facts = JSON.parse(r.stdout);
+  } catch {
+    return { problem: `exit ${r.status}: ${r.stderr.trim() || r.stdout.trim()}` };
+  }
+  const problems = ["check-errors", "corruptions", "leaks"].filter((k) => facts[k]).map((k) => `${k} ${facts[k]}`);
+  if (requireCompressed && !(facts["compressed-clusters"] > 0)) problems.push("no compressed clusters");
+  if (r.status !== 0 || problems.length) {
+    return { problem: `exit ${r.status}${problems.length ? `: ${problems.join(", ")}` : ""} ${r.stderr.trim()}`.trim(), facts };
+  }
+  return { facts };
+}
+
+/** Benchmarks whose result could not be trusted; each is also a WARNING headline row. */
+export const warnings = [];
+
+export function warn(benchmark, ours, baseline) {
+  console.log(`WARNING: ${benchmark}: ${ours}`);
+  warnings.push(benchmark);
+  headline(`WARNING: ${benchmark}`, ours, baseline, "n/a");
+}

@@ -28,7 +28,7 @@
 import { closeSync, existsSync, mkdirSync, openSync, readFileSync, readSync, renameSync, rmSync, statSync, writeSync } from "node:fs";
 import path from "node:path";
 import { Qcow2Image } from "../build/node.js";
-import { MiB, OUT_DIR, QUICK, best, fillText, fmt, fmtRatio, headline, median, now, printTable, rng32, section, warmPageCache, run, scratchDirFor } from "./_common.mjs";
+import { MiB, OUT_DIR, QUICK, best, fillText, fmt, fmtRatio, headline, median, now, printTable, rng32, section, warmPageCache, qemuCheck, run, scratchDirFor, warn, warnings } from "./_common.mjs";
 
 const KiB = 1024;
 const MEASURED = QUICK ? 3 : 5;
@@ -117,28 +117,6 @@ async function ourRun(src, out, cs) {
   return { wall: end - t0, inWrite, close: end - c0, user: cpu.user / 1000, sys: cpu.system / 1000 };
 }
 
-/** `qemu-img check --output=json`: { problem, facts }; problem undefined when clean with compressed clusters. */
-function checkImage(file) {
-  const r = run("qemu-img", ["check", "--output=json", file], { allowFail: true });
-  let facts;
-  try {
-    facts = JSON.parse(r.stdout);
-  } catch {
-    return { problem: `exit ${r.status}: ${r.stderr.trim() || r.stdout.trim()}` };
-  }
-  const problems = ["check-errors", "corruptions", "leaks"].filter((k) => facts[k]).map((k) => `${k} ${facts[k]}`);
-  if (!(facts["compressed-clusters"] > 0)) problems.push("no compressed clusters");
-  if (r.status !== 0 || problems.length) return { problem: `exit ${r.status}: ${problems.join(", ")} ${r.stderr.trim()}`.trim(), facts };
-  return { facts };
-}
-
-const warnings = [];
-
-function warn(benchmark, ours, baseline) {
-  console.log(`WARNING: ${benchmark}: ${ours}`);
-  warnings.push(benchmark);
-  headline(`WARNING: ${benchmark}`, ours, baseline, "n/a");
-}
 
 /** qemu's cost whatever the work: start, create, convert -c of a 1 MiB source, close. */
 function qemuFixedCost(cs) {
@@ -172,14 +150,14 @@ async function measure(src, cs) {
       } else {
         const r = await ourRun(src, ourFile, cs);
         if (round > 0) o.push(r);
-        const c = checkImage(ourFile);
+        const c = qemuCheck(ourFile, { requireCompressed: true });
         if (c.problem) bad.push(`round ${round}: ${c.problem}`);
         ourFacts = c.facts;
       }
     }
   }
   const cmp = run("qemu-img", ["compare", "-q", "-f", "qcow2", "-F", "raw", ourFile, src], { allowFail: true });
-  const qemuFacts = checkImage(qemuFile).facts;
+  const qemuFacts = qemuCheck(qemuFile, { requireCompressed: true }).facts;
   const sizes = { ours: statSync(ourFile).size, qemu: statSync(qemuFile).size };
   rmSync(ourFile, { force: true });
   rmSync(qemuFile, { force: true });

@@ -40,7 +40,7 @@
 import { copyFileSync, mkdirSync, rmSync } from "node:fs";
 import path from "node:path";
 import { Qcow2Image } from "../build/node.js";
-import { GiB, MiB, OUT_DIR, QUICK, best, fmt, fmtOps, fmtRatio, headline, median, now, printTable, section, run, scratchDirFor } from "./_common.mjs";
+import { GiB, MiB, OUT_DIR, QUICK, best, fmt, fmtOps, fmtRatio, headline, median, now, printTable, section, qemuCheck, run, scratchDirFor, warn, warnings } from "./_common.mjs";
 
 const KiB = 1024;
 const MEASURED = QUICK ? 3 : 5;
@@ -125,27 +125,6 @@ async function ourRun(c, file) {
   return { wall: end - t0, writes: written - t0, flushClose: end - written, user: cpu.user / 1000, sys: cpu.system / 1000 };
 }
 
-/** `qemu-img check` of our image: undefined when clean, else what it said. */
-function checkImage(file) {
-  const r = run("qemu-img", ["check", "--output=json", file], { allowFail: true });
-  let facts;
-  try {
-    facts = JSON.parse(r.stdout);
-  } catch {
-    return `exit ${r.status}: ${r.stderr.trim() || r.stdout.trim()}`;
-  }
-  const problems = ["check-errors", "corruptions", "leaks"].filter((k) => facts[k]).map((k) => `${k} ${facts[k]}`);
-  if (r.status !== 0 || problems.length) return `exit ${r.status}${problems.length ? `: ${problems.join(", ")}` : ""} ${r.stderr.trim()}`.trim();
-  return undefined;
-}
-
-const warnings = [];
-
-function warn(benchmark, ours, baseline) {
-  console.log(`WARNING: ${benchmark}: ${ours}`);
-  warnings.push(benchmark);
-  headline(`WARNING: ${benchmark}`, ours, baseline, "n/a");
-}
 
 async function measure(c) {
   const ourFile = path.join(SCRATCH, "write-ours.qcow2");
@@ -168,7 +147,7 @@ async function measure(c) {
         fresh(ourFile);
         const r = await ourRun(c, ourFile);
         if (round > 0) o.push(r);
-        const problem = checkImage(ourFile);
+        const problem = qemuCheck(ourFile).problem;
         if (problem) bad.push(`round ${round}: ${problem}`);
       }
     }
