@@ -20,3 +20,14 @@ export { registerPlatform, type Platform } from "./platform.js";
 export type { ClusterInflater } from "./codecs/deflate.js";
 export { map, mapEntries, toMapEntry, formatMapJson, type MapEntry, type MapOptions } from "./ops/map.js";
 export { imageInfo, formatInfoHuman, sizeToStr, type QemuImageInfo, type InfoOptions } from "./ops/info.js";
+export {
+  checkImage,
+  checkExitCode,
+  checkToQemuJson,
+  formatCheckJson,
+  formatCheckHuman,
+  type CheckOptions,
+  type CheckReport,
+  type CheckCounts,
+  type RepairMode,
+} from "./check/check.js";

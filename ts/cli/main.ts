@@ -4,11 +4,13 @@
 import "../node.js";
 import { Qcow2Error } from "../errors.js";
 import { UsageError } from "./args.js";
+import { check, CHECK_USAGE } from "./check.js";
 import { info, INFO_USAGE } from "./info.js";
 
-type Command = (argv: string[], out: (text: string) => void) => Promise<number>;
+type Command = (argv: string[], out: (text: string) => void, err: (text: string) => void) => Promise<number>;
 
 const commands: Record<string, { run: Command; usage: string }> = {
+  check: { run: check, usage: CHECK_USAGE },
   info: { run: info, usage: INFO_USAGE },
 };
 
@@ -25,6 +27,7 @@ function help(): string {
 
 export async function main(argv: string[]): Promise<number> {
   const out = (text: string): void => void process.stdout.write(text);
+  const err = (text: string): void => void process.stderr.write(text);
   const [name, ...rest] = argv;
   if (name === undefined || name === "-h" || name === "--help") {
     out(help());
@@ -40,7 +43,7 @@ export async function main(argv: string[]): Promise<number> {
     return 1;
   }
   try {
-    return await command.run(rest, out);
+    return await command.run(rest, out, err);
   } catch (err) {
     if (err instanceof UsageError) {
       process.stderr.write(`qcow2-img: ${err.message}\nTry 'qcow2-img --help' for more information\n`);

@@ -2,6 +2,7 @@
 // Parsing validates every field against qemu's limits before anything is sized from it.
 
 import { Qcow2Error, Qcow2ErrorCode, hex } from "../errors.js";
+import { readFully, type BlockBackend } from "../io/backend.js";
 import { decodeCString, decodeString, getU64, getU64Big, view } from "./bytes.js";
 import {
   COMPRESSION_ZLIB,
@@ -427,4 +428,15 @@ export function featureBits(mask: bigint): number[] {
     if ((mask >> BigInt(bit)) & 1n) bits.push(bit);
   }
   return bits;
+}
+
+/** Read and parse the header of the image in `backend` (probe first, then the whole cluster). */
+export async function readHeader(backend: BlockBackend, fileSize?: number): Promise<Qcow2Header> {
+  const size = fileSize ?? (await backend.size());
+  const probe = new Uint8Array(HEADER_PROBE_SIZE);
+  await readFully(backend, probe, 0);
+  const { clusterBits } = probeHeader(probe.subarray(0, Math.min(HEADER_PROBE_SIZE, Math.max(size, 0))));
+  const cluster0 = new Uint8Array(2 ** clusterBits);
+  await readFully(backend, cluster0, 0);
+  return parseHeader(cluster0);
 }

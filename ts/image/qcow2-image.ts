@@ -19,7 +19,7 @@ import {
   QCOW_MAGIC,
   QCOW2_AUTOCLEAR_MASK,
 } from "../format/constants.js";
-import { HEADER_PROBE_SIZE, featureBits, featureName, parseHeader, probeHeader, type Qcow2Header } from "../format/header.js";
+import { featureBits, featureName, readHeader, type Qcow2Header } from "../format/header.js";
 import { L1Table } from "../format/l1.js";
 import { ClusterMap, type Run } from "./cluster-map.js";
 import { Refcounts } from "./refcounts.js";
@@ -169,12 +169,8 @@ export class Qcow2Image implements GuestDevice {
         throw new Qcow2Error(Qcow2ErrorCode.READ_ONLY, `${backend.name}: cannot open read-write: the backend is read-only`);
       }
       const fileSize = await backend.size();
-      const probe = new Uint8Array(HEADER_PROBE_SIZE);
-      await readFully(backend, probe, 0);
-      const { clusterBits } = probeHeader(probe.subarray(0, Math.min(HEADER_PROBE_SIZE, Math.max(fileSize, 0))));
-      const cluster0 = new Uint8Array(2 ** clusterBits);
-      await readFully(backend, cluster0, 0);
-      const header = parseHeader(cluster0);
+      const header = await readHeader(backend, fileSize);
+      const clusterBits = header.clusterBits;
       refuseFeatures(header, backend.name);
       if (!readOnly) {
         refuseWrites(header, backend.name);
@@ -1098,7 +1094,8 @@ function mergeable(a: Extent, b: Extent): boolean {
   return a.hostOffset + a.length === b.hostOffset;
 }
 
-function refuseFeatures(header: Qcow2Header, name: string): void {
+/** @internal Refuse what qemu refuses to open, and what this library cannot read yet. */
+export function refuseFeatures(header: Qcow2Header, name: string): void {
   const incompat = header.incompatibleFeatures;
   const unknown = incompat & ~BigInt(QCOW2_INCOMPAT_MASK);
   if (unknown !== 0n) {
@@ -1125,7 +1122,8 @@ function refuseFeatures(header: Qcow2Header, name: string): void {
   }
 }
 
-async function resolveBackend(target: BlockBackend | string, readOnly: boolean, create = false): Promise<BlockBackend> {
+/** @internal A backend for a path (through the platform) or the backend itself. */
+export async function resolveBackend(target: BlockBackend | string, readOnly: boolean, create = false): Promise<BlockBackend> {
   if (typeof target !== "string") return target;
   if (!platform.openFile) {
     throw new TypeError(

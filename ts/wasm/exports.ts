@@ -20,6 +20,32 @@ export interface WasmExports {
   refcountSet(ptr: number, index: number, order: number, value: number): void;
   refcountFindZero(ptr: number, entries: number, order: number, start: number): number;
   refcountZeroRun(ptr: number, entries: number, order: number, start: number, max: number): number;
+  checkScanL2(
+    l2Ptr: number,
+    start: number,
+    count: number,
+    clusterBits: number,
+    imrt: number,
+    imrtEntries: number,
+    order: number,
+    flags: number,
+    statsPtr: number,
+  ): number;
+  checkAddRange(imrt: number, order: number, first: number, last: number): number;
+  checkFirstDiff(a: number, b: number, start: number, len: number): number;
+  checkLastNonZero(ptr: number, len: number): number;
+  checkFindNonZero(imrt: number, order: number, start: number, end: number): number;
+  checkCopiedScan(
+    l2Ptr: number,
+    start: number,
+    count: number,
+    clusterBits: number,
+    disk: number,
+    diskEntries: number,
+    order: number,
+    blockStatus: number,
+    blockShift: number,
+  ): number;
   _initialize?(): void;
 }
 
@@ -39,3 +65,11 @@ export const LOOKUP_ZERO_FLAG = 1;
 export const LOOKUP_SPLIT_COPIED = 2;
 
 export const L2_RESULT_SIZE = 32;
+
+// asm/check.ts stats record (f64 slots) and flags.
+export const CHECK_STAT_ALLOCATED = 0;
+export const CHECK_STAT_FRAGMENTED = 1;
+export const CHECK_STAT_COMPRESSED = 2;
+export const CHECK_STAT_NEXT_CONTIGUOUS = 3;
+export const CHECK_STATS_SIZE = 32;
+export const SCAN_FRAG_INFO = 1;

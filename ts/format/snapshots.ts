@@ -1,0 +1,136 @@
+// The internal snapshot table (docs/interop/qcow2.rst "Snapshots"): nb_snapshots variable-length
+// entries from snapshots_offset, each a 40-byte fixed part, extra data, the id and the name,
+// padded to 8 bytes. Parsing checks qemu's limits before sizing anything from the table.
+
+import { Qcow2Error, Qcow2ErrorCode, hex } from "../errors.js";
+import { readFully, type BlockBackend } from "../io/backend.js";
+import { decodeString, getU64, view } from "./bytes.js";
+import { QCOW_MAX_L1_SIZE, QCOW_MAX_SNAPSHOTS, QCOW_MAX_SNAPSHOTS_SIZE } from "./constants.js";
+
+/** qemu refuses more extra data per snapshot than this (QCOW_MAX_SNAPSHOT_EXTRA_DATA). */
+export const MAX_SNAPSHOT_EXTRA_DATA = 1024;
+export const SNAPSHOT_FIXED_SIZE = 40;
+
+export interface SnapshotEntry {
+  l1TableOffset: number;
+  l1Size: number;
+  id: string;
+  name: string;
+  dateSec: number;
+  dateNsec: number;
+  vmClockNsec: number;
+  /** VM state bytes (the 64-bit extra-data field when present, else the 32-bit one). */
+  vmStateSize: number;
+  /** Guest disk size at the snapshot, when the extra data records it. */
+  diskSize?: number;
+  /** Instruction count, when recorded (-1 means none). */
+  icount?: number;
+  /** Extra data bytes, kept verbatim so a rewrite preserves what this library does not know. */
+  extraData: Uint8Array;
+}
+
+export interface SnapshotTable {
+  entries: SnapshotEntry[];
+  /** Bytes the table occupies from snapshots_offset. */
+  tableBytes: number;
+}
+
+/** Reads forward through the table in 64 KiB pieces. */
+class TableReader {
+  private buf = new Uint8Array(0);
+  private bufStart = 0;
+
+  constructor(
+    private readonly backend: BlockBackend,
+    private readonly start: number,
+  ) {}
+
+  async bytes(pos: number, length: number): Promise<Uint8Array> {
+    if (pos < this.bufStart || pos + length > this.bufStart + this.buf.length) {
+      const size = Math.max(length, 65536);
+      this.buf = new Uint8Array(size);
+      this.bufStart = pos;
+      await readFully(this.backend, this.buf, this.start + pos);
+    }
+    return this.buf.subarray(pos - this.bufStart, pos - this.bufStart + length);
+  }
+}
+
+function corrupt(message: string): Qcow2Error {
+  return new Qcow2Error(Qcow2ErrorCode.CORRUPT, message);
+}
+
+/**
+ * Read the snapshot table. Every entry must have an L1 table offset below 2^53, at most
+ * MAX_SNAPSHOT_EXTRA_DATA bytes of extra data, and the whole table must stay within
+ * QCOW_MAX_SNAPSHOTS_SIZE (qemu's "Snapshot table exceeds the maximum size").
+ */
+export async function readSnapshotTable(
+  backend: BlockBackend,
+  snapshotsOffset: number,
+  nbSnapshots: number,
+): Promise<SnapshotTable> {
+  if (nbSnapshots > QCOW_MAX_SNAPSHOTS) {
+    throw new Qcow2Error(Qcow2ErrorCode.LIMIT_EXCEEDED, `snapshot table: nb_snapshots ${nbSnapshots} exceeds ${QCOW_MAX_SNAPSHOTS}`);
+  }
+  const reader = new TableReader(backend, snapshotsOffset);
+  const entries: SnapshotEntry[] = [];
+  let pos = 0;
+  for (let i = 0; i < nbSnapshots; i++) {
+    const fixed = view(await reader.bytes(pos, SNAPSHOT_FIXED_SIZE));
+    const l1TableOffset = getU64(fixed, 0);
+    const l1Size = fixed.getUint32(8);
+    const idSize = fixed.getUint16(12);
+    const nameSize = fixed.getUint16(14);
+    const extraSize = fixed.getUint32(36);
+    if (!Number.isFinite(l1TableOffset)) {
+      throw corrupt(`snapshot table entry ${i}: l1_table_offset is at or past 2^53`);
+    }
+    if (extraSize > MAX_SNAPSHOT_EXTRA_DATA) {
+      throw corrupt(`snapshot table entry ${i}: extra_data_size ${extraSize} exceeds ${MAX_SNAPSHOT_EXTRA_DATA}`);
+    }
+    const entryBytes = Math.ceil((SNAPSHOT_FIXED_SIZE + extraSize + idSize + nameSize) / 8) * 8;
+    if (pos + entryBytes > QCOW_MAX_SNAPSHOTS_SIZE) {
+      throw new Qcow2Error(
+        Qcow2ErrorCode.LIMIT_EXCEEDED,
+        `snapshot table at ${hex(snapshotsOffset)}: entry ${i} ends past the ${QCOW_MAX_SNAPSHOTS_SIZE}-byte limit`,
+      );
+    }
+    const dateSec = fixed.getUint32(16);
+    const dateNsec = fixed.getUint32(20);
+    const vmClockNsec = getU64(fixed, 24);
+    let vmStateSize = fixed.getUint32(32);
+    const extraData = (await reader.bytes(pos + SNAPSHOT_FIXED_SIZE, extraSize)).slice();
+    const ev = view(extraData);
+    const entry: SnapshotEntry = {
+      l1TableOffset,
+      l1Size,
+      id: "",
+      name: "",
+      dateSec,
+      dateNsec,
+      vmClockNsec,
+      vmStateSize,
+      extraData,
+    };
+    if (extraSize >= 8) entry.vmStateSize = vmStateSize = getU64(ev, 0);
+    if (extraSize >= 16) entry.diskSize = getU64(ev, 8);
+    if (extraSize >= 24) entry.icount = Number(ev.getBigInt64(16));
+    entry.id = decodeString(await reader.bytes(pos + SNAPSHOT_FIXED_SIZE + extraSize, idSize));
+    entry.name = decodeString(await reader.bytes(pos + SNAPSHOT_FIXED_SIZE + extraSize + idSize, nameSize));
+    entries.push(entry);
+    pos += entryBytes;
+  }
+  return { entries, tableBytes: pos };
+}
+
+/** The problems qemu's check reports for a snapshot's L1 table reference (checked before use). */
+export function snapshotL1Problem(entry: SnapshotEntry, clusterSize: number): string | undefined {
+  if (entry.l1TableOffset % clusterSize !== 0) {
+    return `l1_offset=${hex(entry.l1TableOffset)}: L1 table is not cluster aligned`;
+  }
+  if (entry.l1Size > QCOW_MAX_L1_SIZE / 8) {
+    return `l1_size=${hex(entry.l1Size)}: L1 table is too large`;
+  }
+  return undefined;
+}
