@@ -32,8 +32,8 @@ export class ImageBytes {
   h: Qcow2Header;
   cs: number;
 
-  constructor(file: string) {
-    this.buf = readFileSync(file);
+  constructor(source: string | Uint8Array) {
+    this.buf = typeof source === "string" ? readFileSync(source) : Buffer.from(source);
     this.h = parseHeader(this.buf.subarray(0, 2 * 1024 * 1024));
     this.cs = 2 ** this.h.clusterBits;
   }

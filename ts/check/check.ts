@@ -4,8 +4,9 @@
 
 import { Qcow2Error, Qcow2ErrorCode } from "../errors.js";
 import type { BlockBackend } from "../io/backend.js";
-import { readHeader } from "../format/header.js";
-import { refuseFeatures, resolveBackend } from "../image/qcow2-image.js";
+import { readHeader, type Qcow2Header } from "../format/header.js";
+import { refuseFeatures } from "../image/features.js";
+import { resolveBackend } from "../io/resolve.js";
 import { qdictOrder } from "../ops/qemu-json.js";
 import type { WasmVariant } from "../wasm/core.js";
 import {
@@ -57,9 +58,10 @@ async function checkPass(
   fix: number,
   options: CheckOptions,
   diag: (line: string) => void,
+  header?: Qcow2Header,
 ): Promise<{ counts: CheckCounts; failure?: string }> {
   const counts = emptyCounts();
-  const h = await readHeader(backend);
+  const h = header ?? (await readHeader(backend));
   refuseFeatures(h, backend.name);
   try {
     const snapshots = await readSnapshotsForCheck(backend, h, counts, diag);
@@ -203,4 +205,17 @@ export function formatCheckHuman(report: CheckReport): string {
   }
   if (report.imageEndOffset) out += `Image end offset: ${report.imageEndOffset}\n`;
   return out;
+}
+
+/**
+ * What qemu does when it opens a dirty image (lazy refcounts after an unclean shutdown) for
+ * writing: a check with full repair. `header` is updated in place (refcount table, dirty bit).
+ */
+export async function repairDirtyImage(backend: BlockBackend, header: Qcow2Header, options: { wasm?: WasmVariant } = {}): Promise<void> {
+  const lines: string[] = [];
+  const pass = await checkPass(backend, FIX_LEAKS | FIX_ERRORS, options, (line) => lines.push(line), header);
+  if (pass.failure !== undefined || pass.counts.checkErrors || pass.counts.corruptions) {
+    const why = pass.failure ?? lines.filter((l) => l.startsWith("ERROR")).slice(0, 3).join("; ");
+    throw new Qcow2Error(Qcow2ErrorCode.CORRUPT, `${backend.name}: could not repair the dirty image: ${why || `${pass.counts.corruptions} corruptions remain`}`);
+  }
 }

@@ -576,8 +576,10 @@ export class RefcountCheck {
         this.diag(`${fix & FIX_ERRORS ? "Repairing" : "ERROR"} refcount block ${i} is outside image`);
         if (fix & FIX_ERRORS) {
           // Grow the file to hold the block, as qemu does; it then reads as zeros.
+          // Unlike qemu, never grow the file by more than its size or 64 MiB for a stray entry.
           const newClusters = cluster + 1;
-          if (this.arrayBytes(newClusters) > this.arrayLimit || offset + this.cs > Number.MAX_SAFE_INTEGER) {
+          const growthLimit = this.fileLength + Math.max(this.fileLength, MIN_ARRAY_LIMIT_BYTES);
+          if (this.arrayBytes(newClusters) > this.arrayLimit || offset + this.cs > growthLimit) {
             this.rebuildNeeded = true;
             this.diag(`ERROR could not resize image: File too large`);
             continue;

@@ -121,6 +121,18 @@ function checkTableOffset(
   }
 }
 
+/**
+ * The offset of a table with no entries: qemu only requires it aligned and at most INT64_MAX.
+ * Nothing is read there; an offset past 2^53 is kept as 0.
+ */
+function unusedTableOffset(field: string, dv: DataView, pos: number, clusterSize: number): number {
+  const value = getU64Big(dv, pos);
+  if (value > 0x7fffffffffffffffn || value % BigInt(clusterSize) !== 0n) {
+    throw bad(`${field} ${hex(value)} is not a cluster-aligned offset below 2^63`);
+  }
+  return value < 2n ** 53n ? Number(value) : 0;
+}
+
 /** Validate the magic, version and cluster size from the first bytes; returns cluster_bits. */
 export function probeHeader(first: Uint8Array): { version: 2 | 3; clusterBits: number } {
   if (first.length < V2_HEADER_LENGTH) {
@@ -158,11 +170,11 @@ export function parseHeader(cluster0: Uint8Array): Qcow2Header {
   const size = getU64(dv, 24);
   const cryptMethod = dv.getUint32(32);
   const l1Size = dv.getUint32(36);
-  const l1TableOffset = getU64(dv, 40);
+  let l1TableOffset = getU64(dv, 40);
   const refcountTableOffset = getU64(dv, 48);
   const refcountTableClusters = dv.getUint32(56);
   const nbSnapshots = dv.getUint32(60);
-  const snapshotsOffset = getU64(dv, 64);
+  let snapshotsOffset = getU64(dv, 64);
 
   let incompatibleFeatures = 0n;
   let compatibleFeatures = 0n;
@@ -222,7 +234,8 @@ export function parseHeader(cluster0: Uint8Array): Qcow2Header {
   if (l1Size < l1Needed) {
     throw bad(`l1_size ${l1Size} is too small for size ${size} (needs ${l1Needed} entries)`);
   }
-  checkTableOffset("l1_table_offset", dv, 40, l1TableOffset, l1Size * 8, clusterSize);
+  if (l1Size === 0) l1TableOffset = unusedTableOffset("l1_table_offset", dv, 40, clusterSize);
+  else checkTableOffset("l1_table_offset", dv, 40, l1TableOffset, l1Size * 8, clusterSize);
   if (l1Size > 0 && l1TableOffset === 0) throw bad(`l1_table_offset is 0 (inside the header) with l1_size ${l1Size}`);
 
   if (refcountTableClusters * clusterSize > QCOW_MAX_REFTABLE_SIZE) {
@@ -243,7 +256,8 @@ export function parseHeader(cluster0: Uint8Array): Qcow2Header {
     );
   }
   // 40 bytes is the fixed part of a snapshot table entry (qemu's QCowSnapshotHeader).
-  checkTableOffset("snapshots_offset", dv, 64, snapshotsOffset, nbSnapshots * 40, clusterSize);
+  if (nbSnapshots === 0) snapshotsOffset = unusedTableOffset("snapshots_offset", dv, 64, clusterSize);
+  else checkTableOffset("snapshots_offset", dv, 64, snapshotsOffset, nbSnapshots * 40, clusterSize);
   if (nbSnapshots > 0 && snapshotsOffset === 0) {
     throw bad(`snapshots_offset is 0 (inside the header) with nb_snapshots ${nbSnapshots}`);
   }

@@ -9,10 +9,8 @@ import {
   CRYPT_LUKS,
   CRYPT_NONE,
   INCOMPAT_CORRUPT,
-  INCOMPAT_DATA_FILE,
   INCOMPAT_DIRTY,
   INCOMPAT_EXTL2,
-  QCOW2_INCOMPAT_MASK,
   COMPAT_LAZY_REFCOUNTS,
   AUTOCLEAR_DATA_FILE_RAW,
   MAX_BACKING_CHAIN_DEPTH,
@@ -24,7 +22,9 @@ import { L1Table } from "../format/l1.js";
 import { ClusterMap, type Run } from "./cluster-map.js";
 import { Refcounts } from "./refcounts.js";
 import { formatImage, resolveCreateOptions, type CreateOptions, type Preallocation } from "./create.js";
-import { rebuildRefcounts } from "./rebuild.js";
+import { repairDirtyImage } from "../check/check.js";
+import { refuseFeatures, refuseWrites } from "./features.js";
+import { resolveBackend } from "../io/resolve.js";
 import { writeAutoclear, writeIncompatible, writeRefcountTablePointer, writeSize, writeSizeAndL1 } from "../format/header-update.js";
 import type { ClusterDeflater, ClusterInflater } from "../codecs/deflate.js";
 import { platform } from "../platform.js";
@@ -175,7 +175,7 @@ export class Qcow2Image implements GuestDevice {
       if (!readOnly) {
         refuseWrites(header, backend.name);
         // Lazy refcounts after an unclean shutdown: refcounts may be stale. Rebuild, as qemu does.
-        if (header.incompatibleFeatures & BigInt(INCOMPAT_DIRTY)) await rebuildRefcounts(backend, header);
+        if (header.incompatibleFeatures & BigInt(INCOMPAT_DIRTY)) await repairDirtyImage(backend, header, { wasm: options.wasm });
       }
 
       const l1 = new L1Table(header.l1Size);
@@ -1078,59 +1078,10 @@ async function settleAll(jobs: Promise<void>[]): Promise<void> {
   if (failed) throw failed.reason;
 }
 
-/** Refuse opening for writing what qemu refuses, or what this library cannot write yet. */
-function refuseWrites(header: Qcow2Header, name: string): void {
-  if (header.incompatibleFeatures & BigInt(INCOMPAT_CORRUPT)) {
-    throw new Qcow2Error(Qcow2ErrorCode.CORRUPT, `${name}: the image is marked corrupt; it can only be opened read-only (repair it with check)`);
-  }
-  if (header.cryptMethod !== CRYPT_NONE) {
-    throw new Qcow2Error(Qcow2ErrorCode.ENCRYPTED, `${name}: writing encrypted images is not supported yet`);
-  }
-}
-
 function mergeable(a: Extent, b: Extent): boolean {
   if (a.kind !== b.kind || a.depth !== b.depth || a.kind === "compressed") return false;
   if (a.hostOffset === undefined || b.hostOffset === undefined) return a.hostOffset === b.hostOffset;
   return a.hostOffset + a.length === b.hostOffset;
-}
-
-/** @internal Refuse what qemu refuses to open, and what this library cannot read yet. */
-export function refuseFeatures(header: Qcow2Header, name: string): void {
-  const incompat = header.incompatibleFeatures;
-  const unknown = incompat & ~BigInt(QCOW2_INCOMPAT_MASK);
-  if (unknown !== 0n) {
-    const described = featureBits(unknown).map((bit) => {
-      const own = header.extensions.featureNames.find((f) => f.type === 0 && f.bit === bit);
-      return own ? `"${own.name}" (bit ${bit})` : `bit ${bit}`;
-    });
-    throw new Qcow2Error(
-      Qcow2ErrorCode.UNKNOWN_FEATURE,
-      `${name}: unsupported incompatible feature(s) ${described.join(", ")} (mask ${hex(unknown)})`,
-    );
-  }
-  const notYet: Array<[number, string]> = [
-    [INCOMPAT_DATA_FILE, "external data file"],
-    [INCOMPAT_EXTL2, "extended L2 entries"],
-  ];
-  for (const [bit, feature] of notYet) {
-    if (incompat & BigInt(bit)) {
-      throw new Qcow2Error(Qcow2ErrorCode.NOT_SUPPORTED, `${name}: the "${feature}" feature is not supported yet`);
-    }
-  }
-  if (header.compressionType === COMPRESSION_ZSTD) {
-    throw new Qcow2Error(Qcow2ErrorCode.NOT_SUPPORTED, `${name}: compression type zstd is not supported yet`);
-  }
-}
-
-/** @internal A backend for a path (through the platform) or the backend itself. */
-export async function resolveBackend(target: BlockBackend | string, readOnly: boolean, create = false): Promise<BlockBackend> {
-  if (typeof target !== "string") return target;
-  if (!platform.openFile) {
-    throw new TypeError(
-      `open: a path ("${target}") needs a file system; import from "qcow2-wasm/node", or pass a BlockBackend`,
-    );
-  }
-  return platform.openFile(target, { readOnly, create });
 }
 
 /** The virtual size of the backing file `backingFile` named by an image called `imageName`. */
