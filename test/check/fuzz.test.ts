@@ -159,6 +159,11 @@ describeQemu("check and repair on mutated images", () => {
               const theirs = q.stdout.trim() ? (JSON.parse(q.stdout) as Record<string, unknown>) : undefined;
               if (theirs) theirs.filename = "fuzz";
               const ours = first.failure === undefined ? checkToQemuJson(first) : undefined;
+              // QCOW2_FUZZ_KEEP=dir keeps a mutant on which the two tools disagree.
+              const keep = process.env.QCOW2_FUZZ_KEEP;
+              if (keep && (checkExitCode(first) !== q.status || JSON.stringify(ours) !== JSON.stringify(theirs))) {
+                writeFileSync(path.join(keep, `${base.name}-${SEED}-${i}.qcow2`), bytes);
+              }
               expect({ status: checkExitCode(first), json: ours }, where).toEqual({ status: q.status, json: theirs });
             }
           }

@@ -61,7 +61,7 @@ async function checkPass(
   header?: Qcow2Header,
 ): Promise<{ counts: CheckCounts; failure?: string }> {
   const counts = emptyCounts();
-  const h = header ?? (await readHeader(backend));
+  const h = header ?? (await readHeader(backend, undefined, { check: true }));
   refuseFeatures(h, backend.name);
   try {
     const snapshots = await readSnapshotsForCheck(backend, h, counts, diag);

@@ -1,9 +1,13 @@
 // qcow2-img check [-f fmt] [--output=human|json] [-r leaks|all] [-q] [-U] [-T cache] file
 
 import { checkExitCode, checkImage, formatCheckHuman, formatCheckJson, type RepairMode } from "../check/check.js";
-import { Qcow2Image } from "../image/qcow2-image.js";
+import { QCOW_MAGIC } from "../format/constants.js";
+import { readHeader } from "../format/header.js";
+import { refuseFeatures } from "../image/features.js";
+import { readFully } from "../io/backend.js";
+import { NodeFileBackend } from "../io/node-file.js";
 import { parseArgs, UsageError } from "./args.js";
-import { openDevice, parseFormat } from "./open.js";
+import { fullBackingPath, openDevice, parseFormat } from "./open.js";
 
 export const CHECK_USAGE = "check [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-T src_cache] [-U] filename";
 
@@ -28,19 +32,37 @@ export async function check(argv: string[], out: (text: string) => void, err: (t
   const quiet = args.flags.has("-q");
   const file = args.positional[0]!;
   const fmtArg = args.values.get("-f");
-  // Open as qemu-img does (format probe, backing chain) so what it refuses, we refuse.
-  let device;
+  // Open as qemu-img does for a check: probe the format, read the header leniently (as qemu's
+  // BDRV_O_CHECK), open the backing chain; what qemu refuses to open, we refuse.
   try {
-    device = await openDevice(file, fmtArg === undefined ? undefined : parseFormat(fmtArg));
+    const format = fmtArg === undefined ? undefined : parseFormat(fmtArg);
+    const backend = await NodeFileBackend.open(file, { readOnly: true });
+    try {
+      const magic = new Uint8Array(4);
+      await readFully(backend, magic, 0);
+      const isQcow2 = new DataView(magic.buffer).getUint32(0) === QCOW_MAGIC;
+      if (format === "raw" || (format === undefined && !isQcow2)) {
+        err("qcow2-img: This image format does not support checks\n");
+        return 63;
+      }
+      const header = await readHeader(backend, undefined, { check: true });
+      refuseFeatures(header, file);
+      if (header.backingFile !== undefined && header.backingFile !== "") {
+        const backingFormat = header.extensions.backingFormat;
+        const backingPath = fullBackingPath(file, header.backingFile);
+        try {
+          const backing = await openDevice(backingPath, backingFormat === undefined ? undefined : parseFormat(backingFormat));
+          await backing.close();
+        } catch (e) {
+          throw new Error(`Could not open backing file: ${(e as Error).message}`);
+        }
+      }
+    } finally {
+      await backend.close();
+    }
   } catch (e) {
     err(`qcow2-img: Could not open '${file}': ${(e as Error).message}\n`);
     return 1;
-  }
-  const isQcow2 = device instanceof Qcow2Image;
-  await device.close();
-  if (!isQcow2) {
-    err("qcow2-img: This image format does not support checks\n");
-    return 63;
   }
   const report = await checkImage(file, { repair, onDiagnostic: (line) => err(line + "\n") });
   if (report.failure === undefined && !quiet) out(output === "json" ? formatCheckJson(report) : formatCheckHuman(report));

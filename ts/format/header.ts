@@ -158,7 +158,16 @@ export function probeHeader(first: Uint8Array): { version: 2 | 3; clusterBits: n
 }
 
 /** Parse and validate the header, its extensions and the backing file name from cluster 0. */
-export function parseHeader(cluster0: Uint8Array): Qcow2Header {
+export interface ParseHeaderOptions {
+  /**
+   * Open for `check`, as qemu's BDRV_O_CHECK: an image without a refcount table, or with tables
+   * placed at offset 0, is accepted so that check can report on it.
+   */
+  check?: boolean;
+}
+
+export function parseHeader(cluster0: Uint8Array, options: ParseHeaderOptions = {}): Qcow2Header {
+  const forCheck = options.check ?? false;
   const { version, clusterBits } = probeHeader(cluster0);
   const clusterSize = 2 ** clusterBits;
   if (cluster0.length < clusterSize) {
@@ -196,7 +205,7 @@ export function parseHeader(cluster0: Uint8Array): Qcow2Header {
     if (headerLength > clusterSize) {
       throw bad(`header_length ${headerLength} exceeds the cluster size ${clusterSize}`);
     }
-    if (headerLength % 8 !== 0) throw bad(`header_length ${headerLength} is not a multiple of 8`);
+    // The spec asks for a multiple of 8; qemu does not enforce it, and neither do we.
     if (headerLength > 104) compressionType = cluster0[104]!;
     if (headerLength > 112) unknownHeaderFields = cluster0.slice(112, headerLength);
   }
@@ -236,7 +245,7 @@ export function parseHeader(cluster0: Uint8Array): Qcow2Header {
   }
   if (l1Size === 0) l1TableOffset = unusedTableOffset("l1_table_offset", dv, 40, clusterSize);
   else checkTableOffset("l1_table_offset", dv, 40, l1TableOffset, l1Size * 8, clusterSize);
-  if (l1Size > 0 && l1TableOffset === 0) throw bad(`l1_table_offset is 0 (inside the header) with l1_size ${l1Size}`);
+  if (!forCheck && l1Size > 0 && l1TableOffset === 0) throw bad(`l1_table_offset is 0 (inside the header) with l1_size ${l1Size}`);
 
   if (refcountTableClusters * clusterSize > QCOW_MAX_REFTABLE_SIZE) {
     throw new Qcow2Error(
@@ -245,9 +254,9 @@ export function parseHeader(cluster0: Uint8Array): Qcow2Header {
     );
   }
   // qemu: "Image does not contain a reference count table" (only `check` opens such images).
-  if (refcountTableClusters === 0) throw bad(`refcount_table_clusters is 0 (no refcount table)`);
+  if (!forCheck && refcountTableClusters === 0) throw bad(`refcount_table_clusters is 0 (no refcount table)`);
   checkTableOffset("refcount_table_offset", dv, 48, refcountTableOffset, refcountTableClusters * clusterSize, clusterSize);
-  if (refcountTableOffset === 0) throw bad(`refcount_table_offset is 0 (inside the header)`);
+  if (!forCheck && refcountTableOffset === 0) throw bad(`refcount_table_offset is 0 (inside the header)`);
 
   if (nbSnapshots > QCOW_MAX_SNAPSHOTS) {
     throw new Qcow2Error(
@@ -258,7 +267,7 @@ export function parseHeader(cluster0: Uint8Array): Qcow2Header {
   // 40 bytes is the fixed part of a snapshot table entry (qemu's QCowSnapshotHeader).
   if (nbSnapshots === 0) snapshotsOffset = unusedTableOffset("snapshots_offset", dv, 64, clusterSize);
   else checkTableOffset("snapshots_offset", dv, 64, snapshotsOffset, nbSnapshots * 40, clusterSize);
-  if (nbSnapshots > 0 && snapshotsOffset === 0) {
+  if (!forCheck && nbSnapshots > 0 && snapshotsOffset === 0) {
     throw bad(`snapshots_offset is 0 (inside the header) with nb_snapshots ${nbSnapshots}`);
   }
 
@@ -267,13 +276,13 @@ export function parseHeader(cluster0: Uint8Array): Qcow2Header {
     if (backingFileSize > MAX_BACKING_FILE_SIZE) {
       throw bad(`backing_file_size ${backingFileSize} exceeds ${MAX_BACKING_FILE_SIZE} bytes`);
     }
-    if (backingFileOffset < headerLength || backingFileOffset + backingFileSize > clusterSize) {
-      throw bad(
-        `backing file name at ${u64Hex(dv, 8)} (+${backingFileSize}) is not inside cluster 0 after the header`,
-      );
+    // qemu does not mind a name overlapping the header; it must lie within cluster 0 here.
+    if (backingFileOffset + backingFileSize > clusterSize) {
+      throw bad(`backing file name at ${u64Hex(dv, 8)} (+${backingFileSize}) is not inside cluster 0`);
     }
   }
-  const extensionsEnd = backingFileOffset !== 0 ? backingFileOffset : clusterSize;
+  // Extensions end where the backing file name starts (none at all when it starts in the header).
+  const extensionsEnd = backingFileOffset !== 0 ? Math.max(backingFileOffset, headerLength) : clusterSize;
   const extensions = parseExtensions(cluster0, headerLength, extensionsEnd, clusterSize, cryptMethod);
   const backingFile =
     backingFileOffset !== 0 && backingFileSize > 0
@@ -445,12 +454,12 @@ export function featureBits(mask: bigint): number[] {
 }
 
 /** Read and parse the header of the image in `backend` (probe first, then the whole cluster). */
-export async function readHeader(backend: BlockBackend, fileSize?: number): Promise<Qcow2Header> {
+export async function readHeader(backend: BlockBackend, fileSize?: number, options: ParseHeaderOptions = {}): Promise<Qcow2Header> {
   const size = fileSize ?? (await backend.size());
   const probe = new Uint8Array(HEADER_PROBE_SIZE);
   await readFully(backend, probe, 0);
   const { clusterBits } = probeHeader(probe.subarray(0, Math.min(HEADER_PROBE_SIZE, Math.max(size, 0))));
   const cluster0 = new Uint8Array(2 ** clusterBits);
   await readFully(backend, cluster0, 0);
-  return parseHeader(cluster0);
+  return parseHeader(cluster0, options);
 }

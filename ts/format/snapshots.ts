@@ -12,7 +12,10 @@ export const MAX_SNAPSHOT_EXTRA_DATA = 1024;
 export const SNAPSHOT_FIXED_SIZE = 40;
 
 export interface SnapshotEntry {
+  /** The L1 table's offset; exact below 2^53, see l1TableOffsetRaw above that. */
   l1TableOffset: number;
+  /** The field as stored (qemu's check reads tables past 2^53 as zeros, or fails past 2^63). */
+  l1TableOffsetRaw: bigint;
   l1Size: number;
   id: string;
   name: string;
@@ -69,6 +72,7 @@ export async function readSnapshotTable(
   backend: BlockBackend,
   snapshotsOffset: number,
   nbSnapshots: number,
+  options: { lenient?: boolean } = {},
 ): Promise<SnapshotTable> {
   if (nbSnapshots > QCOW_MAX_SNAPSHOTS) {
     throw new Qcow2Error(Qcow2ErrorCode.LIMIT_EXCEEDED, `snapshot table: nb_snapshots ${nbSnapshots} exceeds ${QCOW_MAX_SNAPSHOTS}`);
@@ -78,12 +82,13 @@ export async function readSnapshotTable(
   let pos = 0;
   for (let i = 0; i < nbSnapshots; i++) {
     const fixed = view(await reader.bytes(pos, SNAPSHOT_FIXED_SIZE));
-    const l1TableOffset = getU64(fixed, 0);
+    const l1TableOffsetRaw = fixed.getBigUint64(0);
+    const l1TableOffset = Number(l1TableOffsetRaw);
     const l1Size = fixed.getUint32(8);
     const idSize = fixed.getUint16(12);
     const nameSize = fixed.getUint16(14);
     const extraSize = fixed.getUint32(36);
-    if (!Number.isFinite(l1TableOffset)) {
+    if (!options.lenient && l1TableOffsetRaw >= 2n ** 53n) {
       throw corrupt(`snapshot table entry ${i}: l1_table_offset is at or past 2^53`);
     }
     if (extraSize > MAX_SNAPSHOT_EXTRA_DATA) {
@@ -104,6 +109,7 @@ export async function readSnapshotTable(
     const ev = view(extraData);
     const entry: SnapshotEntry = {
       l1TableOffset,
+      l1TableOffsetRaw,
       l1Size,
       id: "",
       name: "",
@@ -126,8 +132,8 @@ export async function readSnapshotTable(
 
 /** The problems qemu's check reports for a snapshot's L1 table reference (checked before use). */
 export function snapshotL1Problem(entry: SnapshotEntry, clusterSize: number): string | undefined {
-  if (entry.l1TableOffset % clusterSize !== 0) {
-    return `l1_offset=${hex(entry.l1TableOffset)}: L1 table is not cluster aligned`;
+  if (entry.l1TableOffsetRaw % BigInt(clusterSize) !== 0n) {
+    return `l1_offset=${hex(entry.l1TableOffsetRaw)}: L1 table is not cluster aligned`;
   }
   if (entry.l1Size > QCOW_MAX_L1_SIZE / 8) {
     return `l1_size=${hex(entry.l1Size)}: L1 table is too large`;

@@ -1,7 +1,7 @@
 // What an image's header may ask for that qemu, or this library, refuses to open or to write.
 
 import { Qcow2Error, Qcow2ErrorCode, hex } from "../errors.js";
-import { COMPRESSION_ZSTD, CRYPT_NONE, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_EXTL2, QCOW2_INCOMPAT_MASK } from "../format/constants.js";
+import { AUTOCLEAR_DATA_FILE_RAW, COMPRESSION_ZSTD, CRYPT_NONE, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_EXTL2, QCOW2_INCOMPAT_MASK } from "../format/constants.js";
 import { featureBits, type Qcow2Header } from "../format/header.js";
 
 /** Refuse opening for writing what qemu refuses, or what this library cannot write yet. */
@@ -36,6 +36,9 @@ export function refuseFeatures(header: Qcow2Header, name: string): void {
     if (incompat & BigInt(bit)) {
       throw new Qcow2Error(Qcow2ErrorCode.NOT_SUPPORTED, `${name}: the "${feature}" feature is not supported yet`);
     }
+  }
+  if (header.autoclearFeatures & BigInt(AUTOCLEAR_DATA_FILE_RAW) && !(incompat & BigInt(INCOMPAT_DATA_FILE))) {
+    throw new Qcow2Error(Qcow2ErrorCode.BAD_HEADER, `${name}: data-file-raw requires a data file (autoclear bit 1 without the external data file bit)`);
   }
   if (header.compressionType === COMPRESSION_ZSTD) {
     throw new Qcow2Error(Qcow2ErrorCode.NOT_SUPPORTED, `${name}: compression type zstd is not supported yet`);
