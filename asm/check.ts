@@ -22,7 +22,6 @@ const OFLAG_COPIED: u64 = 1 << 63;
 const OFLAG_COMPRESSED: u64 = 1 << 62;
 const OFLAG_ZERO: u64 = 1;
 const L2E_OFFSET_MASK: u64 = 0x00fffffffffffe00;
-const L2E_STD_RESERVED_MASK: u64 = 0x3f000000000001fe;
 
 @inline
 function getCount(ptr: usize, index: u64, order: u32): u64 {
@@ -101,9 +100,14 @@ export function checkScanL2(
   let next = <u64>load<f64>(statsPtr + (STAT_NEXT_CONTIGUOUS << 3));
   let i = start;
   for (; i < count; i++) {
-    const e = bswap<u64>(load<u64>(l2Ptr + (<usize>i << 3)));
-    if (e & OFLAG_COMPRESSED) {
-      if (e & OFLAG_COPIED) break;
+    const p = l2Ptr + (<usize>i << 3);
+    if (load<u64>(p) == 0) continue; // unallocated: most of a sparse table
+    // Big-endian halves: 32-bit swaps are cheap in WASM, a 64-bit one is not.
+    const hi = bswap<u32>(load<u32>(p));
+    const lo = bswap<u32>(load<u32>(p + 4));
+    if (hi & 0x40000000) {
+      if (hi & 0x80000000) break;
+      const e = (<u64>hi << 32) | <u64>lo;
       const coffset = e & coffsetMask;
       const sectors = ((e >> csizeShift) & csizeMask) + 1;
       const csize = sectors * 512 - (coffset & 511);
@@ -118,18 +122,27 @@ export function checkScanL2(
       }
       continue;
     }
-    if (e & L2E_STD_RESERVED_MASK) break;
-    const hostOffset = e & L2E_OFFSET_MASK;
+    if ((hi & 0x3f000000) | (lo & 0x1fe)) break; // reserved bits
+    const hostOffset = (<u64>(hi & 0x00ffffff) << 32) | <u64>(lo & 0xfffffe00);
     if (hostOffset == 0) continue; // unallocated or zero without a cluster
     if (hostOffset & clusterMask) break;
     const k = hostOffset >> clusterBits;
-    if (!canAdd(imrt, entries, order, k, k)) break;
+    if (k >= entries) break;
+    if (order == 4) {
+      // 16-bit refcounts, qemu's default: the common case, without the generic width dispatch.
+      const at = imrt + (<usize>k << 1);
+      const v = bswap<u16>(load<u16>(at));
+      if (v == 0xffff) break;
+      store<u16>(at, bswap<u16>(v + 1));
+    } else {
+      if (getCount(imrt, k, order) == maxCount(order)) break;
+      setCount(imrt, k, order, getCount(imrt, k, order) + 1);
+    }
     if (frag) {
       allocated++;
       if (next != 0 && hostOffset != next) fragmented++;
       next = hostOffset + clusterMask + 1;
     }
-    addOne(imrt, order, k, k);
   }
   store<f64>(statsPtr + (STAT_ALLOCATED << 3), allocated);
   store<f64>(statsPtr + (STAT_FRAGMENTED << 3), fragmented);

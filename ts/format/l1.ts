@@ -10,6 +10,8 @@ export class L1Table {
   /** Byte range [dirtyStart, dirtyEnd) changed since the last write-back. */
   private dirtyStart = Infinity;
   private dirtyEnd = 0;
+  /** Told of every change of an entry's L2 table offset (old, new), e.g. to track metadata. */
+  onChange: ((oldOffset: number, newOffset: number) => void) | undefined;
 
   constructor(size: number, bytes?: Uint8Array) {
     this.size = size;
@@ -31,6 +33,10 @@ export class L1Table {
   }
 
   set(index: number, l2Offset: number, copied: boolean): void {
+    if (this.onChange) {
+      const old = this.l2Offset(index);
+      if (old !== l2Offset) this.onChange(old, l2Offset);
+    }
     const hi = Math.floor(l2Offset / 0x100000000) | (copied ? QCOW_OFLAG_COPIED_HI : 0);
     this.dv.setUint32(index * 8, hi >>> 0);
     this.dv.setUint32(index * 8 + 4, l2Offset >>> 0);
@@ -61,6 +67,8 @@ export class L1Table {
   grown(size: number): L1Table {
     const bytes = new Uint8Array(size * 8);
     bytes.set(this.bytes.subarray(0, Math.min(this.bytes.length, size * 8)));
-    return new L1Table(size, bytes);
+    const table = new L1Table(size, bytes);
+    table.onChange = this.onChange;
+    return table;
   }
 }

@@ -1,7 +1,7 @@
 // Qcow2Image: open an image and read guest bytes through its L1/L2 map and its backing chain.
 // (docs/interop/qcow2.rst "Cluster mapping"; the seed's qcow_open and qcow_aio_read_cb.)
 
-import { Qcow2Error, Qcow2ErrorCode, hex } from "../errors.js";
+import { Qcow2Error, Qcow2ErrorCode, hex, isQcow2Error } from "../errors.js";
 import { readFully, type BlockBackend } from "../io/backend.js";
 import {
   COMPRESSION_ZSTD,
@@ -24,6 +24,8 @@ import { Refcounts } from "./refcounts.js";
 import { formatImage, resolveCreateOptions, type CreateOptions, type Preallocation } from "./create.js";
 import { repairDirtyImage } from "../check/check.js";
 import { refuseFeatures, refuseWrites } from "./features.js";
+import { MetadataClusters } from "./overlap.js";
+import { readSnapshotTable } from "../format/snapshots.js";
 import { resolveBackend } from "../io/resolve.js";
 import { writeAutoclear, writeIncompatible, writeRefcountTablePointer, writeSize, writeSizeAndL1 } from "../format/header-update.js";
 import type { ClusterDeflater, ClusterInflater } from "../codecs/deflate.js";
@@ -147,6 +149,11 @@ export class Qcow2Image implements GuestDevice {
   /** Length of the image file, as of open or the last flush. */
   private fileSize: number;
   private closed = false;
+  /** Set when this session found the image inconsistent and marked it corrupt: no more writes. */
+  private corrupted = false;
+  /** Host clusters holding metadata, built at the first in-place write. */
+  private metadata: MetadataClusters | undefined;
+  private snapshotTableBytes = 0;
 
   private constructor(backend: BlockBackend, header: Qcow2Header, map: ClusterMap, backing: GuestDevice | undefined, fileSize: number) {
     this.backend = backend;
@@ -328,6 +335,74 @@ export class Qcow2Image implements GuestDevice {
   private writable(op: string): void {
     this.live(op);
     if (this.readOnly) throw new Qcow2Error(Qcow2ErrorCode.READ_ONLY, `${this.name}: ${op}: the image is open read-only`);
+    if (this.corrupted) {
+      throw new Qcow2Error(Qcow2ErrorCode.CORRUPT, `${this.name}: ${op}: the image was marked corrupt; repair it with check`);
+    }
+  }
+
+  /**
+   * An inconsistency was found in a writable image: set the corrupt bit (as qemu does) so nothing
+   * writes to it until it is repaired, and refuse further writes in this session.
+   */
+  private async markCorrupt(): Promise<void> {
+    if (this.readOnly || this.corrupted) return;
+    this.corrupted = true;
+    await writeIncompatible(this.backend, this.header, this.header.incompatibleFeatures | BigInt(INCOMPAT_CORRUPT));
+  }
+
+  /** Run an operation; metadata found corrupt on a writable image marks it corrupt first. */
+  private async guarded<T>(fn: () => Promise<T>): Promise<T> {
+    try {
+      return await fn();
+    } catch (err) {
+      if (isQcow2Error(err, Qcow2ErrorCode.CORRUPT) && !this.readOnly && !this.corrupted) {
+        await this.markCorrupt().catch(() => undefined);
+      }
+      throw err;
+    }
+  }
+
+  /** The metadata that in-place guest writes must never touch (built once, then kept current). */
+  private async metadataClusters(): Promise<MetadataClusters> {
+    if (this.metadata) return this.metadata;
+    const cs = this.clusterSize;
+    const meta = new MetadataClusters(cs);
+    const l1 = this.map.l1;
+    for (let i = 0; i < l1.size; i++) meta.add(l1.l2Offset(i), "active L2 table");
+    const refcounts = this.map.refcounts!;
+    for (let ti = 0; ti < refcounts.tableEntries; ti++) meta.add(refcounts.blockOffset(ti), "refcount block");
+    l1.onChange = (oldOffset, newOffset) => {
+      meta.remove(oldOffset);
+      meta.add(newOffset, "active L2 table");
+    };
+    refcounts.onBlockChange = (oldOffset, newOffset) => {
+      meta.remove(oldOffset);
+      meta.add(newOffset, "refcount block");
+    };
+    this.snapshotTableBytes = this.header.nbSnapshots * 40;
+    if (this.header.nbSnapshots > 0) {
+      const table = await readSnapshotTable(this.backend, this.header.snapshotsOffset, this.header.nbSnapshots).catch(() => undefined);
+      if (table) this.snapshotTableBytes = table.tableBytes;
+    }
+    this.metadata = meta;
+    return meta;
+  }
+
+  /** qemu's pre-write overlap check for a write of guest data in place. */
+  private async refuseMetadataOverlap(hostOffset: number, length: number): Promise<void> {
+    const meta = await this.metadataClusters();
+    const refcounts = this.map.refcounts!;
+    const what = meta.overlap(hostOffset, length, [
+      { what: "active L1 table", start: this.map.l1TableOffset, length: this.map.l1.size * 8 },
+      { what: "refcount table", start: refcounts.tableOffset, length: refcounts.tableClusters * this.clusterSize },
+      { what: "snapshot table", start: this.header.snapshotsOffset, length: this.snapshotTableBytes },
+    ]);
+    if (what === undefined) return;
+    await this.markCorrupt();
+    throw new Qcow2Error(
+      Qcow2ErrorCode.CORRUPT,
+      `${this.name}: preventing a guest write at host offset ${hex(hostOffset)} (+${length}): it overlaps the ${what}; the image is now marked corrupt`,
+    );
   }
 
   /** Read `length` guest bytes, or fill `dst`, from `guestOffset`. */
@@ -338,7 +413,7 @@ export class Qcow2Image implements GuestDevice {
       throw new RangeError(`read: length ${lengthOrDst} is not a non-negative integer`);
     }
     this.checkGuestRange("read", guestOffset, dst.length);
-    const job = this.readInto(dst, guestOffset);
+    const job = this.readOnly ? this.readInto(dst, guestOffset) : this.guarded(() => this.readInto(dst, guestOffset));
     this.reads.add(job);
     try {
       await job;
@@ -443,7 +518,7 @@ export class Qcow2Image implements GuestDevice {
   async write(guestOffset: number, data: Uint8Array): Promise<void> {
     this.writable("write");
     this.checkGuestRange("write", guestOffset, data.length);
-    await this.owning(guestOffset, data.length, () => this.writeOwned(guestOffset, data));
+    await this.guarded(() => this.owning(guestOffset, data.length, () => this.writeOwned(guestOffset, data)));
   }
 
   /** Run `fn` once the guest clusters under [guestOffset, +length) are this request's alone. */
@@ -469,7 +544,7 @@ export class Qcow2Image implements GuestDevice {
   async writeZeroes(guestOffset: number, length: number, options: WriteZeroesOptions = {}): Promise<void> {
     this.writable("writeZeroes");
     this.checkGuestRange("writeZeroes", guestOffset, length);
-    await this.owning(guestOffset, length, () => this.zeroOwned(guestOffset, length, options.mayUnmap ?? false));
+    await this.guarded(() => this.owning(guestOffset, length, () => this.zeroOwned(guestOffset, length, options.mayUnmap ?? false)));
   }
 
   /** writeZeroes for clusters the caller owns: partial clusters written, whole ones flagged. */
@@ -496,7 +571,7 @@ export class Qcow2Image implements GuestDevice {
     const start = Math.ceil(guestOffset / cs) * cs;
     const end = Math.floor((guestOffset + length) / cs) * cs;
     if (end <= start) return;
-    await this.owning(start, end - start, () => this.forEachTable(start, end - start, (g, n) => this.discardSegment(g, n)));
+    await this.guarded(() => this.owning(start, end - start, () => this.forEachTable(start, end - start, (g, n) => this.discardSegment(g, n))));
   }
 
   /**
@@ -622,7 +697,7 @@ export class Qcow2Image implements GuestDevice {
       throw new RangeError(`writeCompressed: range ${guestOffset}+${data.length} is not made of whole ${cs}-byte clusters`);
     }
     this.deflater ??= platform.createDeflater();
-    await this.owning(guestOffset, data.length, async () => {
+    await this.guarded(() => this.owning(guestOffset, data.length, async () => {
       for (let pos = 0; pos < data.length; pos += cs) {
         let cluster = data.subarray(pos, pos + cs);
         if (cluster.length < cs) {
@@ -636,7 +711,7 @@ export class Qcow2Image implements GuestDevice {
         if (!packed) await this.writeOwned(guestOffset + pos, data.subarray(pos, pos + cs));
         else await this.writeCompressedCluster(guestOffset + pos, packed);
       }
-    });
+    }));
   }
 
   private async writeCompressedCluster(guestOffset: number, packed: Uint8Array): Promise<void> {
@@ -758,6 +833,7 @@ export class Qcow2Image implements GuestDevice {
       }
       pos += run.bytes;
     }
+    for (const p of plan.inPlace) await this.refuseMetadataOverlap(p.hostOffset, p.bytes);
     for (const g of plan.groups) g.hostOffset = await this.map.refcounts!.allocate(g.clusters);
     return plan;
   }

@@ -97,7 +97,14 @@ export class Refcounts {
     return offset;
   }
 
+  /** Told of every refcount block placed (old offset, new offset), e.g. to track metadata. */
+  onBlockChange: ((oldOffset: number, newOffset: number) => void) | undefined;
+
   private setBlockOffset(tableIndex: number, offset: number): void {
+    if (this.onBlockChange) {
+      const old = tableIndex < this.tableEntries ? this.blockOffset(tableIndex) : 0;
+      if (old !== offset) this.onBlockChange(old, offset);
+    }
     this.tableView.setUint32(tableIndex * 8, Math.floor(offset / 0x100000000));
     this.tableView.setUint32(tableIndex * 8 + 4, offset >>> 0);
     this.tableDirty = true;
@@ -344,6 +351,7 @@ export class Refcounts {
       for (let k = j * e; k < Math.min(used, (j + 1) * e); k++) this.core.exports.refcountSet(ptr, k - j * e, this.order, 1);
       newView.setUint32((tableIndex + j) * 8, Math.floor(blockOffset / 0x100000000));
       newView.setUint32((tableIndex + j) * 8 + 4, blockOffset >>> 0);
+      this.onBlockChange?.(0, blockOffset);
     }
     const newTableOffset = (area + blocks) * cs;
     await this.blocks.flush();
