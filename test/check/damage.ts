@@ -115,6 +115,14 @@ export function buildDamageCorpus(dir: string): DamageCase[] {
   q(["create", "-f", "qcow2", "-o", "refcount_bits=1", bits1, "16M"]);
   io(bits1, ["write -P 0x12 0 128k"]);
 
+  // Persistent dirty bitmaps: their directory, tables and data clusters are referenced too.
+  const bitmaps = p("base-bitmaps.qcow2");
+  q(["create", "-f", "qcow2", bitmaps, "64M"]);
+  io(bitmaps, ["write -P 0x21 0 1M"]);
+  q(["bitmap", "--add", bitmaps, "b0"]);
+  q(["bitmap", "--add", "-g", "65536", bitmaps, "b1"]);
+  io(bitmaps, ["write -P 0x22 2M 1M"]);
+
   const cases: DamageCase[] = [];
   const add = (name: string, what: string, make: (img: ImageBytes) => void, from = base): void => {
     const img = new ImageBytes(from);
@@ -203,6 +211,10 @@ export function buildDamageCorpus(dir: string): DamageCase[] {
     const host = Number(e & ((1n << x) - 1n));
     img.setRefcount16(Math.floor(host / img.cs), 0);
   }, compressed);
+  cases.push({ name: "bitmaps", what: "an undamaged image with two persistent bitmaps", file: bitmaps });
+  add("bitmap-directory-refcount-zero", "refcount 0 on the bitmap directory's cluster", (img) => {
+    img.setRefcount16(img.h.extensions.bitmaps!.bitmapDirectoryOffset / img.cs, 0);
+  }, bitmaps);
   add("snapshot-l1-unaligned", "a snapshot whose L1 table offset is not cluster aligned", (img) => {
     img.setU64(img.h.snapshotsOffset, img.u64(img.h.snapshotsOffset) + 0x200n);
   }, snap);
