@@ -8,7 +8,10 @@ export interface OptionSpec {
 }
 
 export interface ParsedArgs {
+  /** The last value of each flag. */
   values: Map<string, string>;
+  /** Every value of each flag, in order (qemu-img joins repeated -o flags). */
+  all: Map<string, string[]>;
   flags: Set<string>;
   positional: string[];
 }
@@ -18,7 +21,7 @@ export class UsageError extends Error {
 }
 
 export function parseArgs(argv: string[], spec: OptionSpec): ParsedArgs {
-  const out: ParsedArgs = { values: new Map(), flags: new Set(), positional: [] };
+  const out: ParsedArgs = { values: new Map(), all: new Map(), flags: new Set(), positional: [] };
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i]!;
     if (arg === "--") {
@@ -38,6 +41,7 @@ export function parseArgs(argv: string[], spec: OptionSpec): ParsedArgs {
       else value = argv[++i];
       if (value === undefined) throw new UsageError(`option '${name}' requires an argument`);
       out.values.set(name, value);
+      out.all.set(name, [...(out.all.get(name) ?? []), value]);
     } else if (spec.flags.includes(name) && (eq < 0 || !arg.startsWith("--"))) {
       out.flags.add(name);
       if (!arg.startsWith("--") && arg.length > 2) {

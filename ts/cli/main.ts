@@ -4,14 +4,19 @@
 import "../node.js";
 import { Qcow2Error } from "../errors.js";
 import { UsageError } from "./args.js";
-import { check, CHECK_USAGE } from "./check.js";
-import { info, INFO_USAGE } from "./info.js";
 
-type Command = (argv: string[], out: (text: string) => void, err: (text: string) => void) => Promise<number>;
+export type Command = (argv: string[], out: (text: string) => void, err: (text: string) => void) => Promise<number>;
 
-const commands: Record<string, { run: Command; usage: string }> = {
-  check: { run: check, usage: CHECK_USAGE },
-  info: { run: info, usage: INFO_USAGE },
+// Each command's module is loaded only when it runs: starting the tool does no other work.
+const commands: Record<string, { usage: string; load: () => Promise<Command> }> = {
+  check: {
+    usage: "check [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-T src_cache] [-U] filename",
+    load: async () => (await import("./check.js")).check,
+  },
+  info: {
+    usage: "info [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename",
+    load: async () => (await import("./info.js")).info,
+  },
 };
 
 function help(): string {
@@ -43,7 +48,8 @@ export async function main(argv: string[]): Promise<number> {
     return 1;
   }
   try {
-    return await command.run(rest, out, err);
+    const run = await command.load();
+    return await run(rest, out, err);
   } catch (err) {
     if (err instanceof UsageError) {
       process.stderr.write(`qcow2-img: ${err.message}\nTry 'qcow2-img --help' for more information\n`);
