@@ -55,6 +55,8 @@ export interface ClusterDeflater {
    * undefined when the result would not be smaller than `limit` bytes.
    */
   deflate(src: Uint8Array, limit: number): Uint8Array | undefined;
+  /** The same off the main thread, where the platform can (Node: the libuv thread pool). */
+  deflateAsync?(src: Uint8Array, limit: number): Promise<Uint8Array | undefined>;
 }
 
 /** Portable deflater (pako). */

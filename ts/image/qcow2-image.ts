@@ -437,6 +437,10 @@ export class Qcow2Image implements GuestDevice {
 
   /** GuestDevice: fill `dst` from `guestOffset` (range already checked). */
   async readInto(dst: Uint8Array, guestOffset: number): Promise<void> {
+    await this.readRuns(dst, guestOffset);
+  }
+
+  private async readRuns(dst: Uint8Array, guestOffset: number): Promise<void> {
     const len = dst.length;
     let pos = 0;
     while (pos < len) {
@@ -478,6 +482,13 @@ export class Qcow2Image implements GuestDevice {
     else dst.fill(0);
   }
 
+  private badCompressed(hostOffset: number, compressedSize: number, clusterGuestOffset: number): Qcow2Error {
+    return new Qcow2Error(
+      Qcow2ErrorCode.BAD_COMPRESSED_DATA,
+      `${this.name}: compressed cluster at host offset ${hex(hostOffset)} (guest offset ${clusterGuestOffset}, ${compressedSize} bytes) does not inflate to ${this.clusterSize} bytes`,
+    );
+  }
+
   private async readCompressed(
     dst: Uint8Array,
     hostOffset: number,
@@ -497,12 +508,7 @@ export class Qcow2Image implements GuestDevice {
     const whole = inCluster === 0 && dst.length === cs;
     const out = whole ? dst : new Uint8Array(cs);
     this.inflater ??= platform.createInflater();
-    if (!this.inflater.inflate(src, out)) {
-      throw new Qcow2Error(
-        Qcow2ErrorCode.BAD_COMPRESSED_DATA,
-        `${this.name}: compressed cluster at host offset ${hex(hostOffset)} (guest offset ${guestOffset - inCluster}, ${compressedSize} bytes) does not inflate to ${cs} bytes`,
-      );
-    }
+    if (!this.inflater.inflate(src, out)) throw this.badCompressed(hostOffset, compressedSize, guestOffset - inCluster);
     if (!whole) {
       this.inflated = { hostOffset, data: out };
       dst.set(out.subarray(inCluster, inCluster + dst.length));
@@ -697,19 +703,32 @@ export class Qcow2Image implements GuestDevice {
       throw new RangeError(`writeCompressed: range ${guestOffset}+${data.length} is not made of whole ${cs}-byte clusters`);
     }
     this.deflater ??= platform.createDeflater();
+    const deflater = this.deflater;
     await this.guarded(() => this.owning(guestOffset, data.length, async () => {
-      for (let pos = 0; pos < data.length; pos += cs) {
-        let cluster = data.subarray(pos, pos + cs);
-        if (cluster.length < cs) {
-          // The disk's short last cluster: compressed clusters are always whole, zero padded.
-          const padded = new Uint8Array(cs);
-          padded.set(cluster);
-          cluster = padded;
+      // Batches of clusters deflate together off the main thread where the platform can.
+      const batch = deflater.deflateAsync ? 32 * cs : cs;
+      for (let start = 0; start < data.length; start += batch) {
+        const clusters: Uint8Array[] = [];
+        for (let pos = start; pos < Math.min(data.length, start + batch); pos += cs) {
+          let cluster = data.subarray(pos, pos + cs);
+          if (cluster.length < cs) {
+            // The disk's short last cluster: compressed clusters are always whole, zero padded.
+            const padded = new Uint8Array(cs);
+            padded.set(cluster);
+            cluster = padded;
+          }
+          clusters.push(cluster);
         }
         // qemu's rule: the stream must fit in cluster_size - 1 bytes.
-        const packed = this.deflater!.deflate(cluster, cs);
-        if (!packed) await this.writeOwned(guestOffset + pos, data.subarray(pos, pos + cs));
-        else await this.writeCompressedCluster(guestOffset + pos, packed);
+        const packed = deflater.deflateAsync
+          ? await Promise.all(clusters.map((c) => deflater.deflateAsync!(c, cs)))
+          : clusters.map((c) => deflater.deflate(c, cs));
+        for (let k = 0; k < clusters.length; k++) {
+          const pos = start + k * cs;
+          const p = packed[k];
+          if (!p) await this.writeOwned(guestOffset + pos, data.subarray(pos, pos + cs));
+          else await this.writeCompressedCluster(guestOffset + pos, p);
+        }
       }
     }));
   }

@@ -1,0 +1,95 @@
+// qcow2-img convert against qemu-img convert on a deterministic mixed image (1 GiB; 256 MiB with
+// --quick): each 4 MiB region holds 1.5 MiB of random bytes, 1 MiB of zeros and 1.5 MiB of text.
+// Both tools run as a process with the same arguments, alternating, best of several rounds; the
+// outputs are compared with qemu-img compare (and checked) before any time counts.
+//
+//   node bench/convert.mjs [--quick]
+
+import { spawnSync } from "node:child_process";
+import { existsSync, renameSync, rmSync, openSync, writeSync, closeSync } from "node:fs";
+import path from "node:path";
+import { MiB, OUT_DIR, QUICK, best, fillText, fmt, fmtRatio, headline, now, printTable, qemuCheck, rng32, run, scratchDirFor, section, warn } from "./_common.mjs";
+
+const SIZE = QUICK ? 256 * MiB : 1024 * MiB;
+const ROUNDS = QUICK ? 2 : 4;
+const CLI = new URL("../build/cli/main.js", import.meta.url).pathname;
+const label = `${SIZE / MiB} MiB mixed`;
+
+function build(file, make) {
+  if (existsSync(file)) return file;
+  const tmp = `${file}.tmp`;
+  rmSync(tmp, { force: true });
+  make(tmp);
+  renameSync(tmp, file);
+  return file;
+}
+
+const raw = build(path.join(OUT_DIR, `convert-mixed-${SIZE / MiB}m.raw`), (f) => {
+  const fd = openSync(f, "w");
+  const next = rng32(0xc0ffee);
+  const region = 4 * MiB;
+  const buf = Buffer.alloc(region);
+  for (let r = 0; r < SIZE / region; r++) {
+    buf.fill(0);
+    for (let i = 0; i < 1.5 * MiB; i += 4) buf.writeUInt32LE(next(), i);
+    fillText(buf.subarray(2.5 * MiB), next);
+    writeSync(fd, buf, 0, region, r * region);
+  }
+  closeSync(fd);
+});
+const qcow2 = build(path.join(OUT_DIR, `convert-mixed-${SIZE / MiB}m.qcow2`), (f) => run("qemu-img", ["convert", "-f", "raw", "-O", "qcow2", raw, f]));
+const compressed = build(path.join(OUT_DIR, `convert-mixed-${SIZE / MiB}m-c.qcow2`), (f) =>
+  run("qemu-img", ["convert", "-c", "-f", "raw", "-O", "qcow2", raw, f]),
+);
+
+const scratch = scratchDirFor(4 * SIZE);
+const rows = [];
+const cases = [
+  ["raw → qcow2", ["-f", "raw", "-O", "qcow2"], raw, "qcow2"],
+  ["qcow2 → raw", ["-O", "raw"], qcow2, "raw"],
+  ["qcow2 → qcow2", ["-O", "qcow2"], qcow2, "qcow2"],
+  ["qcow2 → qcow2 -c", ["-O", "qcow2", "-c"], qcow2, "qcow2"],
+  ["compressed → raw", ["-O", "raw"], compressed, "raw"],
+];
+
+section(`convert, ${label}: qcow2-img vs qemu-img (processes, same arguments)`);
+for (const [name, args, src, outFmt] of cases) {
+  const ours = path.join(scratch, "convert-ours.out");
+  const theirs = path.join(scratch, "convert-qemu.out");
+  const times = { ours: [], qemu: [] };
+  let ok = true;
+  for (let r = 0; r < ROUNDS; r++) {
+    for (const side of r % 2 ? ["qemu", "ours"] : ["ours", "qemu"]) {
+      const file = side === "ours" ? ours : theirs;
+      rmSync(file, { force: true });
+      const t = now();
+      const p =
+        side === "ours"
+          ? spawnSync(process.execPath, [CLI, "convert", ...args, src, file], { encoding: "utf8" })
+          : spawnSync("qemu-img", ["convert", ...args, src, file], { encoding: "utf8" });
+      const ms = now() - t;
+      if (p.status !== 0) {
+        warn(`convert ${name}`, `${side} failed: ${p.stderr}`, "");
+        ok = false;
+        break;
+      }
+      times[side].push(ms);
+    }
+    if (!ok) break;
+  }
+  if (!ok) continue;
+  const same = spawnSync("qemu-img", ["compare", "-f", outFmt, "-F", outFmt, ours, theirs]).status === 0;
+  const checked = outFmt === "qcow2" ? qemuCheck(ours, { requireCompressed: args.includes("-c") }) : { facts: {} };
+  if (!same || checked.problem) {
+    warn(`convert ${name}`, `output ${same ? "" : "differs from qemu's"} ${checked.problem ?? ""}`, "");
+    continue;
+  }
+  const sizeOf = (f) => Number(spawnSync("stat", ["-c", "%s", f], { encoding: "utf8" }).stdout);
+  const o = best(times.ours);
+  const q = best(times.qemu);
+  rows.push([name, `${fmt(o, 0)} ms`, `${fmt(q, 0)} ms`, fmt(o / q, 2), fmtRatio(q / o), args.includes("-c") ? `${fmt(sizeOf(ours) / MiB, 1)} / ${fmt(sizeOf(theirs) / MiB, 1)} MiB` : ""]);
+  headline(`convert ${label}, ${name}: qcow2-img vs qemu-img convert (time; target ≤ ${name.includes("-c") ? "0.4" : name.startsWith("compressed") ? "0.8" : "0.9"}x qemu's)`, `${fmt(o, 0)} ms`, `${fmt(q, 0)} ms`, fmtRatio(q / o));
+  rmSync(ours, { force: true });
+  rmSync(theirs, { force: true });
+}
+printTable(["case", "qcow2-img", "qemu-img", "time ratio", "speed-up", "output sizes (ours / qemu)"], rows);

@@ -1,0 +1,237 @@
+// `convert`: copy the guest contents of one or more devices (concatenated, as qemu-img does) into a
+// new or existing raw or qcow2 image. Ranges the source maps as zero or unallocated are skipped on
+// a target that already reads as zero; data is read in large chunks straight into WASM memory,
+// where runs of zero blocks (`sparseSize`, qemu's -S) are found and left out of the target too.
+
+import type { BlockBackend } from "../io/backend.js";
+import type { GuestDevice } from "../image/device.js";
+import type { CreateOptions } from "../image/create.js";
+import { Qcow2Image } from "../image/qcow2-image.js";
+import { resolveBackend } from "../io/resolve.js";
+import { WasmCore, type WasmVariant } from "../wasm/core.js";
+
+export interface ConvertOptions {
+  /** Output format (qemu-img's default is raw). */
+  format: "raw" | "qcow2";
+  /** qcow2 creation options (cluster size, compat, backing file...); the size is the sources'. */
+  create?: Omit<CreateOptions, "size">;
+  /** Write every cluster compressed (qcow2 only; -c). */
+  compress?: boolean;
+  /**
+   * Zero detection granularity in bytes (-S, default 4096): aligned blocks of zeros in the data
+   * are not written. 0 writes everything, allocating the whole target as qemu's -S 0 does.
+   */
+  sparseSize?: number;
+  /** Write into an existing image instead of creating one (-n). */
+  existing?: boolean;
+  /** With `existing`: the target already reads as zeros, so zero ranges need not be written. */
+  targetIsZero?: boolean;
+  /**
+   * Copy only what the top image of each source maps (-B: the target's backing file holds the
+   * rest). Ranges mapped below, or nowhere, are left to the backing file.
+   */
+  topOnly?: boolean;
+  /** Bytes per read (default 2 MiB, at least one cluster of the target). */
+  bufferSize?: number;
+  onProgress?: (done: number, total: number) => void;
+  wasm?: WasmVariant;
+}
+
+interface Target {
+  readonly size: number;
+  /** The target reads as zero wherever it is not written. */
+  readonly zeroed: boolean;
+  write(data: Uint8Array, offset: number): Promise<void>;
+  writeZeroes(offset: number, length: number): Promise<void>;
+  close(): Promise<void>;
+}
+
+const DEFAULT_BUFFER = 2 * 1024 * 1024;
+
+async function rawTarget(target: BlockBackend | string, size: number, existing: boolean, targetIsZero: boolean): Promise<Target> {
+  const backend = await resolveBackend(target, false, !existing);
+  if (!existing) {
+    // Empty it in place (an O_TRUNC open makes ext4 flush the whole file at close), then size it.
+    await backend.truncate(0);
+    await backend.truncate(size);
+  }
+  const zeros = new Uint8Array(1024 * 1024);
+  return {
+    size: existing ? await backend.size() : size,
+    zeroed: !existing || targetIsZero,
+    write: (data, offset) => backend.write(data, offset),
+    async writeZeroes(offset, length) {
+      for (let pos = 0; pos < length; pos += zeros.length) {
+        await backend.write(zeros.subarray(0, Math.min(zeros.length, length - pos)), offset + pos);
+      }
+    },
+    async close() {
+      await backend.flush();
+      await backend.close();
+    },
+  };
+}
+
+async function qcow2Target(
+  target: BlockBackend | string,
+  size: number,
+  options: ConvertOptions,
+): Promise<{ target: Target; image: Qcow2Image }> {
+  const image = options.existing
+    ? await Qcow2Image.open(target, { readOnly: false, ...(options.wasm ? { wasm: options.wasm } : {}) })
+    : await Qcow2Image.create(target, { ...options.create, size, ...(options.wasm ? { wasm: options.wasm } : {}) });
+  const compress = options.compress ?? false;
+  const hasBacking = image.header.backingFile !== undefined;
+  return {
+    image,
+    target: {
+      size: image.virtualSize,
+      // A backing file shows through unwritten clusters: zero ranges must then be written.
+      zeroed: (!options.existing && !hasBacking) || (options.targetIsZero ?? false),
+      write: (data, offset) => (compress ? image.writeCompressed(offset, data) : image.write(offset, data)),
+      writeZeroes: (offset, length) => image.writeZeroes(offset, length),
+      close: () => image.close(),
+    },
+  };
+}
+
+/**
+ * Convert `sources` (their guest bytes, one after another) into `target`. The target is created
+ * (or, with `existing`, opened) here and closed when done; the sources stay open.
+ */
+export async function convert(sources: GuestDevice[], target: BlockBackend | string, options: ConvertOptions): Promise<void> {
+  const total = sources.reduce((n, s) => n + s.virtualSize, 0);
+  if (options.compress && options.format !== "qcow2") {
+    throw new TypeError("convert: compression needs a qcow2 target");
+  }
+  const sparse = options.sparseSize ?? 4096;
+  if (!Number.isSafeInteger(sparse) || sparse < 0 || (sparse !== 0 && sparse % 512 !== 0)) {
+    throw new RangeError(`convert: sparse size ${sparse} must be 0 or a multiple of 512`);
+  }
+  let out: Target;
+  let clusterSize = 512;
+  if (options.format === "qcow2") {
+    const q = await qcow2Target(target, total, options);
+    out = q.target;
+    clusterSize = q.image.clusterSize;
+  } else {
+    out = await rawTarget(target, total, options.existing ?? false, options.targetIsZero ?? false);
+  }
+  try {
+    if (out.size < total) {
+      throw new RangeError(`convert: the target holds ${out.size} bytes, less than the ${total} of the source`);
+    }
+    // Compressed clusters are written whole, so reads go by whole target clusters.
+    const unit = options.compress ? clusterSize : 512;
+    const bufferSize = Math.max(unit, Math.floor((options.bufferSize ?? DEFAULT_BUFFER) / unit) * unit);
+    // Zero blocks are found at -S granularity; on qcow2, whole clusters are what can be left out.
+    const grain = sparse !== 0 && options.format === "qcow2" && sparse < clusterSize && clusterSize % sparse === 0 ? clusterSize : sparse;
+    const core = await WasmCore.create(options.wasm);
+    const bufPtr = core.reserve(bufferSize, 64);
+    let base = 0;
+    let done = 0;
+    for (const source of sources) {
+      let pos = 0;
+      while (pos < source.virtualSize) {
+        const extent = await source.blockStatus(pos, Math.min(bufferSize, source.virtualSize - pos));
+        let length = extent.length;
+        const mapped = extent.kind !== "unallocated" && !(options.topOnly && extent.depth > 0);
+        const zero = extent.kind === "zero" || extent.kind === "unallocated";
+        const at = base + pos;
+        if (options.compress) {
+          if (!mapped || zero) {
+            // Whole clusters that read as zero are not written; a partial one is read below.
+            const whole = Math.floor(length / unit) * unit;
+            if (whole > 0 && at % unit === 0) {
+              if (!out.zeroed) await out.writeZeroes(at, whole);
+              pos += whole;
+              done += whole;
+              options.onProgress?.(done, total);
+              continue;
+            }
+          }
+          length = Math.min(bufferSize, source.virtualSize - pos);
+          const buf = core.bytes(bufPtr, length);
+          await source.readInto(buf, pos);
+          await writeCompressedRuns(core, bufPtr, buf, at, unit, out);
+        } else if (!mapped && (options.topOnly || sparse !== 0)) {
+          // Left to the backing file (topOnly) or already zero in the target.
+          if (!options.topOnly && !out.zeroed) await out.writeZeroes(at, length);
+        } else if (zero && sparse !== 0) {
+          if (!out.zeroed) await out.writeZeroes(at, length);
+        } else {
+          const buf = core.bytes(bufPtr, length);
+          await source.readInto(buf, pos);
+          await writeData(core, bufPtr, buf, at, grain, out);
+        }
+        pos += length;
+        done += length;
+        options.onProgress?.(done, total);
+      }
+      base += source.virtualSize;
+    }
+  } finally {
+    await out.close();
+  }
+}
+
+/** Write whole clusters compressed, in runs; clusters that are all zero are left out. */
+async function writeCompressedRuns(core: WasmCore, ptr: number, buf: Uint8Array, offset: number, cs: number, out: Target): Promise<void> {
+  const x = core.exports;
+  let runStart = -1;
+  for (let pos = 0; pos < buf.length; pos += cs) {
+    const n = Math.min(cs, buf.length - pos);
+    const isZero = x.firstNonZero(ptr + pos, n) === n;
+    if (!isZero && runStart < 0) runStart = pos;
+    if (isZero && runStart >= 0) {
+      await out.write(buf.subarray(runStart, pos), offset + runStart);
+      runStart = -1;
+    }
+    if (isZero && !out.zeroed) await out.writeZeroes(offset + pos, n);
+  }
+  if (runStart >= 0) await out.write(buf.subarray(runStart), offset + runStart);
+}
+
+/**
+ * Write a buffer of guest data. With a grain, blocks of `grain` bytes (aligned in the target) that
+ * are all zero are left out of a target that reads as zero, and written as zeroes otherwise.
+ */
+async function writeData(core: WasmCore, ptr: number, buf: Uint8Array, offset: number, grain: number, out: Target): Promise<void> {
+  if (grain === 0) {
+    await out.write(buf, offset);
+    return;
+  }
+  const x = core.exports;
+  let runStart = 0;
+  let runData = true;
+  let pos = 0;
+  const flush = async (end: number): Promise<void> => {
+    if (end <= runStart) return;
+    if (runData) await out.write(buf.subarray(runStart, end), offset + runStart);
+    else if (!out.zeroed) await out.writeZeroes(offset + runStart, end - runStart);
+  };
+  const extend = async (end: number, data: boolean): Promise<void> => {
+    if (data !== runData) {
+      await flush(pos);
+      runStart = pos;
+      runData = data;
+    }
+    pos = end;
+  };
+  // An unaligned first block, then runs of whole blocks found in WASM.
+  const head = offset % grain === 0 ? 0 : Math.min(buf.length, grain - (offset % grain));
+  if (head > 0) {
+    runData = x.firstNonZero(ptr, head) < head;
+    pos = head;
+  }
+  while (pos < buf.length) {
+    const zeros = x.blockRun(ptr + pos, buf.length - pos, grain, 1);
+    if (zeros > 0) {
+      await extend(pos + zeros, false);
+      continue;
+    }
+    const data = x.blockRun(ptr + pos, buf.length - pos, grain, 0);
+    await extend(pos + data, true);
+  }
+  await flush(buf.length);
+}
