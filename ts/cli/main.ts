@@ -1,7 +1,7 @@
 #!/usr/bin/env node
 // qcow2-img: the qemu-img command line. One file per command.
 
-import "../node.js";
+import "../node-platform.js";
 import { Qcow2Error } from "../errors.js";
 import { UsageError } from "./args.js";
 

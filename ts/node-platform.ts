@@ -1,0 +1,15 @@
+// Registers the Node platform (file paths, node:zlib) without loading the rest of the library, so
+// the CLI starts by loading only what its command needs.
+import path from "node:path";
+import { NodeFileBackend } from "./io/node-file.js";
+import { NodeZlibDeflater, NodeZlibInflater } from "./codecs/node-zlib.js";
+import { registerPlatform } from "./platform.js";
+
+registerPlatform({
+  openFile: (file, { readOnly, create }) => NodeFileBackend.open(file, { readOnly, create: create ?? false }),
+  // qemu resolves a relative backing name against the directory of the image naming it.
+  resolveBackingPath: (backingFile, imageName) =>
+    path.isAbsolute(backingFile) ? backingFile : path.join(path.dirname(imageName), backingFile),
+  createInflater: () => new NodeZlibInflater(),
+  createDeflater: () => new NodeZlibDeflater(),
+});
