@@ -17,6 +17,11 @@ import {
 export interface ClusterInflater {
   /** Inflate raw deflate `src` into all of `dst`; false when the stream cannot fill `dst`. */
   inflate(src: Uint8Array, dst: Uint8Array): boolean;
+  /**
+   * Inflate many clusters, using other threads where the platform has them; each result says
+   * whether that stream filled its `dst`.
+   */
+  inflateMany?(jobs: Array<{ src: Uint8Array; dst: Uint8Array }>): Promise<boolean[]>;
 }
 
 /**

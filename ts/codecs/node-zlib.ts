@@ -1,5 +1,7 @@
 // node:zlib inflater: native zlib, 2.3-3.4x pako per 64 KiB cluster (bench/io-backend.mjs).
 
+import os from "node:os";
+import { Worker } from "node:worker_threads";
 import zlib from "node:zlib";
 import { PakoInflater, type ClusterDeflater, type ClusterInflater } from "./deflate.js";
 
@@ -18,6 +20,30 @@ export class NodeZlibInflater implements ClusterInflater {
   // Streams that inflate past one cluster are legal (qemu keeps the first cluster); node:zlib
   // refuses to stop there, so those rare ones go through the portable inflater.
   private readonly fallback = new PakoInflater();
+
+  /**
+   * Split the batch between this thread and a worker (on machines with more than one core):
+   * the worker takes the second half, this thread inflates the first meanwhile.
+   */
+  async inflateMany(jobs: Array<{ src: Uint8Array; dst: Uint8Array }>): Promise<boolean[]> {
+    const worker = jobs.length >= MIN_WORKER_BATCH ? inflateWorker() : undefined;
+    if (!worker) return jobs.map((j) => this.inflate(j.src, j.dst));
+    const half = Math.floor(jobs.length / 2);
+    const theirs = jobs.slice(half);
+    const reply = worker.run(theirs.map((j) => j.src), theirs[0]!.dst.length);
+    const results = jobs.slice(0, half).map((j) => this.inflate(j.src, j.dst));
+    const outs = await reply;
+    theirs.forEach((j, k) => {
+      const out = outs[k];
+      if (out && out.length === j.dst.length) {
+        j.dst.set(out);
+        results.push(true);
+      } else {
+        results.push(this.inflate(j.src, j.dst));
+      }
+    });
+    return results;
+  }
 
   inflate(src: Uint8Array, dst: Uint8Array): boolean {
     let out: Buffer;
@@ -46,4 +72,55 @@ export class NodeZlibDeflater implements ClusterDeflater {
       zlib.deflateRaw(src, DEFLATE_OPTIONS, (err, out) => (err ? reject(err) : resolve(out.length < limit ? out : undefined)));
     });
   }
+}
+
+/** Below this many clusters a batch is inflated here: the round trip would cost more. */
+const MIN_WORKER_BATCH = 8;
+
+interface InflateWorker {
+  run(sources: Uint8Array[], clusterSize: number): Promise<Array<Uint8Array | null>>;
+}
+
+let shared: InflateWorker | null | undefined;
+
+/** One worker per process, started on first use, never keeping the process alive. */
+function inflateWorker(): InflateWorker | undefined {
+  if (shared !== undefined) return shared ?? undefined;
+  if (os.availableParallelism() < 2) {
+    shared = null;
+    return undefined;
+  }
+  let worker: Worker;
+  try {
+    worker = new Worker(new URL("./inflate-worker.js", import.meta.url));
+  } catch {
+    shared = null; // no worker script here (running from sources): inflate on this thread
+    return undefined;
+  }
+  worker.unref();
+  const pending = new Map<number, (outs: Array<Uint8Array | null>) => void>();
+  let nextId = 0;
+  worker.on("message", (m: { id: number; outs: Array<Uint8Array | null> }) => {
+    pending.get(m.id)?.(m.outs);
+    pending.delete(m.id);
+  });
+  worker.on("error", () => {
+    // Whatever was sent is redone on this thread; no worker from now on.
+    for (const resolve of pending.values()) resolve([]);
+    pending.clear();
+    shared = null;
+  });
+  shared = {
+    run(sources, clusterSize) {
+      const id = nextId++;
+      return new Promise((resolve) => {
+        pending.set(id, resolve);
+        worker.ref();
+        worker.postMessage({ id, clusterSize, sources });
+      }).finally(() => {
+        if (pending.size === 0) worker.unref();
+      }) as Promise<Array<Uint8Array | null>>;
+    },
+  };
+  return shared;
 }

@@ -126,6 +126,18 @@ function cryptName(method: number): "none" | "aes" | "luks" {
   return method === CRYPT_AES ? "aes" : method === CRYPT_LUKS ? "luks" : "none";
 }
 
+const EMPTY = new Uint8Array(0);
+
+/** A whole compressed cluster waiting to be inflated into `dst`. */
+interface CompressedJob {
+  src: Uint8Array;
+  /** Bytes of the stream to read (an upper bound, to a sector). */
+  size: number;
+  dst: Uint8Array;
+  hostOffset: number;
+  guestOffset: number;
+}
+
 export class Qcow2Image implements GuestDevice {
   readonly format = "qcow2";
   readonly backend: BlockBackend;
@@ -437,10 +449,51 @@ export class Qcow2Image implements GuestDevice {
 
   /** GuestDevice: fill `dst` from `guestOffset` (range already checked). */
   async readInto(dst: Uint8Array, guestOffset: number): Promise<void> {
-    await this.readRuns(dst, guestOffset);
+    // Whole compressed clusters are gathered and inflated together (over several threads where
+    // the platform can); the rest is read as it comes.
+    const compressed: CompressedJob[] = [];
+    await this.readRuns(dst, guestOffset, compressed);
+    if (compressed.length === 0) return;
+    await this.readCompressedStreams(compressed);
+    this.inflater ??= platform.createInflater();
+    const inflater = this.inflater;
+    const ok = inflater.inflateMany
+      ? await inflater.inflateMany(compressed)
+      : compressed.map((j) => inflater.inflate(j.src, j.dst));
+    const bad = ok.indexOf(false);
+    if (bad >= 0) {
+      const j = compressed[bad]!;
+      throw this.badCompressed(j.hostOffset, j.src.length, j.guestOffset);
+    }
   }
 
-  private async readRuns(dst: Uint8Array, guestOffset: number): Promise<void> {
+  /** Fill each job's `src`, one backend read for streams that lie together in the file. */
+  private async readCompressedStreams(jobs: CompressedJob[]): Promise<void> {
+    let i = 0;
+    while (i < jobs.length) {
+      const start = jobs[i]!.hostOffset;
+      let end = start + jobs[i]!.size;
+      let j = i + 1;
+      // Streams are written back to back; allow a small gap, never more than 4 MiB per read.
+      while (j < jobs.length) {
+        const next = jobs[j]!;
+        if (next.hostOffset < start || next.hostOffset > end + 4096) break;
+        const nextEnd = Math.max(end, next.hostOffset + next.size);
+        if (nextEnd - start > 4 * 1024 * 1024) break;
+        end = nextEnd;
+        j++;
+      }
+      const buf = new Uint8Array(end - start);
+      await readFully(this.backend, buf, start);
+      for (let k = i; k < j; k++) {
+        const job = jobs[k]!;
+        job.src = buf.subarray(job.hostOffset - start, job.hostOffset - start + job.size);
+      }
+      i = j;
+    }
+  }
+
+  private async readRuns(dst: Uint8Array, guestOffset: number, compressed: CompressedJob[]): Promise<void> {
     const len = dst.length;
     let pos = 0;
     while (pos < len) {
@@ -461,7 +514,12 @@ export class Qcow2Image implements GuestDevice {
           break;
         case L2_TYPE_COMPRESSED:
           this.assertReadable(g);
-          await this.readCompressed(part, run.hostOffset, run.compressedSize, run.inCluster, g);
+          if (run.inCluster === 0 && part.length === this.clusterSize) {
+            // Read later, together with its neighbours in the file.
+            compressed.push({ src: EMPTY, size: run.compressedSize, dst: part, hostOffset: run.hostOffset, guestOffset: g });
+          } else {
+            await this.readCompressed(part, run.hostOffset, run.compressedSize, run.inCluster, g);
+          }
           break;
       }
       pos += run.bytes;

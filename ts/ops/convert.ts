@@ -133,10 +133,21 @@ export async function convert(sources: GuestDevice[], target: BlockBackend | str
     for (const source of sources) {
       let pos = 0;
       while (pos < source.virtualSize) {
-        const extent = await source.blockStatus(pos, Math.min(bufferSize, source.virtualSize - pos));
+        const limit = Math.min(bufferSize, source.virtualSize - pos);
+        const extent = await source.blockStatus(pos, limit);
         let length = extent.length;
         const mapped = extent.kind !== "unallocated" && !(options.topOnly && extent.depth > 0);
         const zero = extent.kind === "zero" || extent.kind === "unallocated";
+        if (mapped && !zero) {
+          // Join the data extents that follow (compressed clusters come one per extent) into one
+          // read, so the source can work on many clusters at once.
+          while (length < limit) {
+            const next = await source.blockStatus(pos + length, limit - length);
+            const nextMapped = next.kind !== "unallocated" && !(options.topOnly && next.depth > 0);
+            if (!nextMapped || next.kind === "zero") break;
+            length += next.length;
+          }
+        }
         const at = base + pos;
         if (options.compress) {
           if (!mapped || zero) {
