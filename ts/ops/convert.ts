@@ -128,6 +128,10 @@ export async function convert(sources: GuestDevice[], target: BlockBackend | str
     const grain = sparse !== 0 && options.format === "qcow2" && sparse < clusterSize && clusterSize % sparse === 0 ? clusterSize : sparse;
     const core = await WasmCore.create(options.wasm);
     const bufPtr = core.reserve(bufferSize, 64);
+    // Compressing: two buffers, so the next chunk is read while the last one deflates.
+    const altPtr = options.compress ? core.reserve(bufferSize, 64) : bufPtr;
+    let compressing: Promise<void> | undefined;
+    let useAlt = false;
     let base = 0;
     let done = 0;
     for (const source of sources) {
@@ -162,9 +166,14 @@ export async function convert(sources: GuestDevice[], target: BlockBackend | str
             }
           }
           length = Math.min(bufferSize, source.virtualSize - pos);
-          const buf = core.bytes(bufPtr, length);
+          const ptr = useAlt ? altPtr : bufPtr;
+          useAlt = !useAlt;
+          const buf = core.bytes(ptr, length);
           await source.readInto(buf, pos);
-          await writeCompressedRuns(core, bufPtr, buf, at, unit, out);
+          await compressing;
+          compressing = writeCompressedRuns(core, ptr, buf, at, unit, out);
+          // Nothing else touches the target meanwhile: zero ranges need no writes when compressing.
+          compressing.catch(() => undefined);
         } else if (!mapped && (options.topOnly || sparse !== 0)) {
           // Left to the backing file (topOnly) or already zero in the target.
           if (!options.topOnly && !out.zeroed) await out.writeZeroes(at, length);
@@ -181,6 +190,7 @@ export async function convert(sources: GuestDevice[], target: BlockBackend | str
       }
       base += source.virtualSize;
     }
+    await compressing;
   } finally {
     await out.close();
   }
