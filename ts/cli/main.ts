@@ -5,7 +5,7 @@ import "../node-platform.js";
 import { Qcow2Error } from "../errors.js";
 import { UsageError } from "./args.js";
 
-export type Command = (argv: string[], out: (text: string) => void, err: (text: string) => void) => Promise<number>;
+import type { Command } from "./main-types.js";
 
 // Each command's module is loaded only when it runs: starting the tool does no other work.
 const commands: Record<string, { usage: string; load: () => Promise<Command> }> = {
@@ -13,9 +13,34 @@ const commands: Record<string, { usage: string; load: () => Promise<Command> }> 
     usage: "check [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-T src_cache] [-U] filename",
     load: async () => (await import("./check.js")).check,
   },
+  compare: {
+    usage: "compare [-f fmt] [-F fmt] [-T src_cache] [-p] [-q] [-s] [-U] filename1 filename2",
+    load: async () => (await import("./compare.js")).compare,
+  },
+  convert: {
+    usage:
+      "convert [-c] [-p] [-q] [-n] [-f fmt] [-O output_fmt] [-B backing_file [-F backing_fmt]] [-o options] [-S sparse_size] [-m num_coroutines] [-W] [--target-is-zero] filename [filename2 [...]] output_filename",
+    load: async () => (await import("./convert.js")).convert,
+  },
+  create: {
+    usage: "create [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] filename [size]",
+    load: async () => (await import("./create.js")).create,
+  },
   info: {
     usage: "info [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename",
     load: async () => (await import("./info.js")).info,
+  },
+  map: {
+    usage: "map [-f fmt] [--output=ofmt] [--start-offset=offset] [--max-length=len] [-U] filename",
+    load: async () => (await import("./map.js")).map,
+  },
+  measure: {
+    usage: "measure [--output=ofmt] [-O output_fmt] [-o options] [--size N | [-f fmt] filename]",
+    load: async () => (await import("./measure.js")).measure,
+  },
+  resize: {
+    usage: "resize [-f fmt] [--preallocation=prealloc] [-q] [--shrink] filename [+ | -]size",
+    load: async () => (await import("./resize.js")).resize,
   },
 };
 

@@ -1,91 +1,76 @@
-// qemu-img's value syntax: sizes with binary suffixes (qemu_strtosz) and `-o key=value,...` option
-// strings (QemuOpts, where ",," is a literal comma).
+// qemu-img's size syntax (util/cutils.c qemu_strtosz and qemu-img's cvtnum), shared by every
+// command that takes a size.
 
-import { UsageError } from "./args.js";
-
-const SUFFIXES: Record<string, number> = {
-  b: 1,
-  k: 2 ** 10,
-  m: 2 ** 20,
-  g: 2 ** 30,
-  t: 2 ** 40,
-  p: 2 ** 50,
-  e: 2 ** 60,
-};
-
+const UINT64_MAX = 2n ** 64n - 1n;
 const INT64_MAX = 2n ** 63n - 1n;
 
-export const SIZE_HELP =
-  "Invalid image size specified. You may use k, M, G, T, P or E suffixes for\n" +
-  "kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.";
+const SUFFIX_SHIFT: Record<string, bigint> = { B: 0n, K: 10n, M: 20n, G: 30n, T: 40n, P: 50n, E: 60n };
+
+export type StrtoszResult = { ok: true; value: bigint; hexSuffix: boolean } | { ok: false; error: "invalid" | "range" };
 
 /**
- * A size as qemu-img reads one: an integer (decimal or 0x hex) or a decimal fraction followed by a
- * suffix (k, M, G, T, P, E; b for bytes; any case). `defaultUnit` applies without a suffix.
- * Returns undefined when the text is not a size; a bigint past INT64_MAX is reported as "range".
+ * qemu_strtosz (util/cutils.c do_strtosz, QEMU 7.2): decimal or 0x hex, an optional decimal
+ * fraction (not with hex, and only with a suffix above bytes), an optional B/K/M/G/T/P/E suffix
+ * in any case; leading whitespace and "+" are accepted, "-" is not. Values up to 2^64 - 1.
+ * `hexSuffix` is set where qemu warns that a suffix on a hex number is deprecated.
  */
-export function parseSize(text: string, defaultUnit = 1): number | "range" | undefined {
-  const m = /^\s*(0[xX][0-9a-fA-F]+|[0-9]+(?:\.[0-9]*)?|\.[0-9]+)([bBkKmMgGtTpPeE]?)$/.exec(text);
-  if (!m) return undefined;
-  const [, digits, suffix] = m as unknown as [string, string, string];
-  const unit = suffix ? SUFFIXES[suffix.toLowerCase()]! : defaultUnit;
-  const isHex = /^0[xX]/.test(digits);
-  const dot = digits.indexOf(".");
-  if (isHex) {
-    if (suffix) return undefined;
-    const value = BigInt(digits);
-    return value > INT64_MAX ? "range" : Number(value);
-  }
-  if (dot >= 0) {
-    // A fraction needs a suffix larger than a byte, as qemu_strtosz insists.
-    if (!suffix || unit === 1) return undefined;
-    const whole = BigInt(digits.slice(0, dot) || "0");
-    const fraction = Number(`0${digits.slice(dot)}`);
-    const total = whole * BigInt(unit) + BigInt(Math.floor(fraction * unit + 0.5));
-    return total > INT64_MAX ? "range" : Number(total);
-  }
-  const total = BigInt(digits) * BigInt(unit);
-  return total > INT64_MAX ? "range" : Number(total);
-}
-
-/** A size argument as `qemu-img create` takes it, with its messages. */
-export function parseImageSize(text: string): number {
-  const size = parseSize(text);
-  if (size === undefined) throw new UsageError(SIZE_HELP);
-  if (size === "range") throw new UsageError("Invalid image size specified. Must be between 0 and 9223372036854775807.");
-  return size;
-}
-
-/** `-o` options in order: "a=1,b=x,,y" → [["a","1"],["b","x,y"]]; a bare word is ["word", undefined]. */
-export function parseOptionString(text: string): Array<[string, string | undefined]> {
-  const out: Array<[string, string | undefined]> = [];
-  let i = 0;
-  while (i < text.length) {
-    let key = "";
-    while (i < text.length && text[i] !== "=" && text[i] !== ",") key += text[i++];
-    let value: string | undefined;
-    if (text[i] === "=") {
-      i++;
-      value = "";
-      while (i < text.length) {
-        if (text[i] === ",") {
-          if (text[i + 1] === ",") {
-            value += ",";
-            i += 2;
-            continue;
-          }
-          break;
-        }
-        value += text[i++];
-      }
+export function strtosz(text: string): StrtoszResult {
+  const invalid: StrtoszResult = { ok: false, error: "invalid" };
+  // An out-of-range number is reported as such only when nothing follows where qemu stopped.
+  const range = (end: number): StrtoszResult => (end === text.length ? { ok: false, error: "range" } : invalid);
+  const lead = /^[ \t\n\v\f\r]*([+-]?)([0-9]+)/.exec(text);
+  if (!lead) return invalid;
+  let value = BigInt(lead[2]!);
+  let pos = lead[0].length;
+  if (value > UINT64_MAX) return range(pos);
+  if (lead[1] === "-") return invalid;
+  let hex = false;
+  let fraction = 0n; // 0.64 fixed point, as qemu keeps it
+  if (value === 0n && (text[pos] === "x" || text[pos] === "X")) {
+    const h = /^[ \t\n\v\f\r]*\+?0[xX]([0-9a-fA-F]+)/.exec(text);
+    if (!h) return invalid; // strtoull stops at the "x": trailing garbage
+    value = BigInt("0x" + h[1]!);
+    pos = h[0].length;
+    if (value > UINT64_MAX) return range(pos);
+    if (text[pos] === ".") return invalid;
+    hex = true;
+  } else if (text[pos] === ".") {
+    const f = /^\.([0-9]+)([eE][+-]?[0-9]+)?/.exec(text.slice(pos));
+    if (f && f[2] !== undefined) return invalid; // an exponent makes the whole input invalid
+    if (f) {
+      const scaled = Number(`0.${f[1]}`) * 2 ** 64;
+      fraction = scaled >= 2 ** 64 ? UINT64_MAX : BigInt(Math.trunc(scaled));
+      pos += f[0].length;
+    } else {
+      pos += 1; // "5." and "5.k": no fraction digits
     }
-    if (text[i] === ",") i++;
-    if (key !== "" || value !== undefined) out.push([key, value]);
   }
-  return out;
+  const shift = SUFFIX_SHIFT[(text[pos] ?? "").toUpperCase()];
+  if (shift !== undefined) pos++;
+  if (shift === undefined || shift === 0n) {
+    if (fraction !== 0n) return invalid;
+  } else {
+    // 64.64 fixed point times the unit, the fraction rounded half up.
+    const frac = fraction << shift;
+    value = (value << shift) + (frac >> 64n) + ((frac >> 63n) & 1n);
+    if (value > UINT64_MAX) return range(pos);
+  }
+  if (pos !== text.length) return invalid;
+  return { ok: true, value, hexSuffix: hex && shift !== undefined };
 }
 
-/** Merge repeated `-o` flags as qemu-img does (later ones appended after a comma). */
-export function joinOptionStrings(values: string[]): string {
-  return values.join(",");
+/** qemu-img's cvtnum: a size for an option such as --start-offset, or the error lines qemu prints. */
+export function cvtnum(name: string, text: string, err: (t: string) => void): bigint | undefined {
+  const r = strtosz(text);
+  if (!r.ok && r.error === "invalid") {
+    err(`qcow2-img: Invalid ${name} specified. You may use k, M, G, T, P or E suffixes for\n`);
+    err("qcow2-img: kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.\n");
+    return undefined;
+  }
+  if (!r.ok || r.value > INT64_MAX) {
+    err(`qcow2-img: Invalid ${name} specified. Must be between 0 and ${INT64_MAX}.\n`);
+    return undefined;
+  }
+  if (r.hexSuffix) err(`qcow2-img: warning: Using a multiplier suffix on hex numbers is deprecated: ${text}\n`);
+  return r.value;
 }

@@ -63,12 +63,27 @@ export async function map(device: GuestDevice, options: MapOptions = {}): Promis
   return out;
 }
 
+/** One entry as qemu-img map --output=json prints it (no separator). */
+export function mapEntryJson(e: MapEntry): string {
+  let s = `{ "start": ${e.start}, "length": ${e.length}, "depth": ${e.depth}, "present": ${e.present}, "zero": ${e.zero}, "data": ${e.data}`;
+  if (e.offset !== undefined) s += `, "offset": ${e.offset}`;
+  return s + "}";
+}
+
 /** qemu-img map --output=json text: one object per line. */
 export function formatMapJson(entries: MapEntry[]): string {
-  const lines = entries.map((e) => {
-    let s = `{ "start": ${e.start}, "length": ${e.length}, "depth": ${e.depth}, "present": ${e.present}, "zero": ${e.zero}, "data": ${e.data}`;
-    if (e.offset !== undefined) s += `, "offset": ${e.offset}`;
-    return s + "}";
-  });
-  return "[" + lines.join(",\n") + "]\n";
+  return "[" + entries.map(mapEntryJson).join(",\n") + "]\n";
+}
+
+/** The header of qemu-img map's human output. */
+export const MAP_HUMAN_HEADER = "Offset          Length          Mapped to       File\n";
+
+/** printf("%#-16"PRIx64): 0x-prefixed hex left-aligned in 16 columns, but a bare "0" for zero. */
+function hexColumn(value: number): string {
+  return (value === 0 ? "0" : "0x" + value.toString(16)).padEnd(16);
+}
+
+/** One row of qemu-img map's human output (qemu prints rows only for data that is not zero). */
+export function formatMapHumanRow(e: MapEntry, fileName: string): string {
+  return hexColumn(e.start) + hexColumn(e.length) + hexColumn(e.offset ?? 0) + fileName + "\n";
 }
