@@ -2,7 +2,7 @@
 // headline rows that bench/run.mjs collects into one Markdown table.
 
 import { spawnSync } from "node:child_process";
-import { appendFileSync, mkdirSync, openSync, readSync, closeSync, statfsSync } from "node:fs";
+import { appendFileSync, existsSync, mkdirSync, openSync, readSync, closeSync, renameSync, rmSync, statfsSync } from "node:fs";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 
@@ -185,4 +185,14 @@ export function warn(benchmark, ours, baseline) {
   console.log(`WARNING: ${benchmark}: ${ours}`);
   warnings.push(benchmark);
   headline(`WARNING: ${benchmark}`, ours, baseline, "n/a");
+}
+
+/** `file` made once by `make(tmpPath)` and kept (bench/out caches inputs between runs). */
+export function buildOnce(file, make) {
+  if (existsSync(file)) return file;
+  const tmp = `${file}.tmp`;
+  rmSync(tmp, { force: true });
+  make(tmp);
+  renameSync(tmp, file);
+  return file;
 }

@@ -13,30 +13,21 @@
 //   node bench/check.mjs [--quick]
 
 import { spawnSync } from "node:child_process";
-import { existsSync, renameSync, rmSync } from "node:fs";
 import path from "node:path";
 import { checkImage, checkToQemuJson } from "../build/node.js";
 import { WasmCore } from "../build/wasm/core.js";
-import { OUT_DIR, QUICK, best, fmt, fmtRatio, headline, now, printTable, run, section, warn } from "./_common.mjs";
+import { OUT_DIR, QUICK, best, fmt, fmtRatio, headline, now, printTable, run, section, warn, buildOnce } from "./_common.mjs";
 
 const ROUNDS = QUICK ? 3 : 7;
 
-function build(file, make) {
-  if (existsSync(file)) return file;
-  const tmp = `${file}.tmp`;
-  rmSync(tmp, { force: true });
-  make(tmp);
-  renameSync(tmp, file);
-  return file;
-}
 
 const bigSize = QUICK ? "128G" : "1T";
-const big = build(path.join(OUT_DIR, `check-prealloc-${bigSize}.qcow2`), (f) =>
+const big = buildOnce(path.join(OUT_DIR, `check-prealloc-${bigSize}.qcow2`), (f) =>
   run("qemu-img", ["create", "-f", "qcow2", "-o", "preallocation=metadata", f, bigSize]),
 );
 
 const snapSize = QUICK ? 256 : 1024; // MiB
-const snap = build(path.join(OUT_DIR, `check-snapshots-${snapSize}M.qcow2`), (f) => {
+const snap = buildOnce(path.join(OUT_DIR, `check-snapshots-${snapSize}M.qcow2`), (f) => {
   run("qemu-img", ["create", "-f", "qcow2", f, `${snapSize}M`]);
   const fill = [];
   for (let m = 0; m < snapSize; m += 64) fill.push("-c", `write -P ${(m / 64) % 250} ${m}M 64M`);

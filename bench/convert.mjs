@@ -6,25 +6,17 @@
 //   node bench/convert.mjs [--quick]
 
 import { spawnSync } from "node:child_process";
-import { existsSync, renameSync, rmSync, openSync, writeSync, closeSync } from "node:fs";
+import { rmSync, openSync, writeSync, closeSync } from "node:fs";
 import path from "node:path";
-import { MiB, OUT_DIR, QUICK, best, fillText, fmt, fmtRatio, headline, now, printTable, qemuCheck, rng32, run, scratchDirFor, section, warn } from "./_common.mjs";
+import { MiB, OUT_DIR, QUICK, best, fillText, fmt, fmtRatio, headline, now, printTable, qemuCheck, rng32, run, scratchDirFor, section, warn, buildOnce } from "./_common.mjs";
 
 const SIZE = QUICK ? 256 * MiB : 1024 * MiB;
 const ROUNDS = QUICK ? 2 : 4;
 const CLI = new URL("../build/cli/main.js", import.meta.url).pathname;
 const label = `${SIZE / MiB} MiB mixed`;
 
-function build(file, make) {
-  if (existsSync(file)) return file;
-  const tmp = `${file}.tmp`;
-  rmSync(tmp, { force: true });
-  make(tmp);
-  renameSync(tmp, file);
-  return file;
-}
 
-const raw = build(path.join(OUT_DIR, `convert-mixed-${SIZE / MiB}m.raw`), (f) => {
+const raw = buildOnce(path.join(OUT_DIR, `convert-mixed-${SIZE / MiB}m.raw`), (f) => {
   const fd = openSync(f, "w");
   const next = rng32(0xc0ffee);
   const region = 4 * MiB;
@@ -37,8 +29,8 @@ const raw = build(path.join(OUT_DIR, `convert-mixed-${SIZE / MiB}m.raw`), (f) =>
   }
   closeSync(fd);
 });
-const qcow2 = build(path.join(OUT_DIR, `convert-mixed-${SIZE / MiB}m.qcow2`), (f) => run("qemu-img", ["convert", "-f", "raw", "-O", "qcow2", raw, f]));
-const compressed = build(path.join(OUT_DIR, `convert-mixed-${SIZE / MiB}m-c.qcow2`), (f) =>
+const qcow2 = buildOnce(path.join(OUT_DIR, `convert-mixed-${SIZE / MiB}m.qcow2`), (f) => run("qemu-img", ["convert", "-f", "raw", "-O", "qcow2", raw, f]));
+const compressed = buildOnce(path.join(OUT_DIR, `convert-mixed-${SIZE / MiB}m-c.qcow2`), (f) =>
   run("qemu-img", ["convert", "-c", "-f", "raw", "-O", "qcow2", raw, f]),
 );
 

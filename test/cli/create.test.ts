@@ -9,24 +9,14 @@ import path from "node:path";
 import { beforeAll, expect, it } from "vitest";
 import { UsageError } from "../../ts/cli/args.js";
 import { create } from "../../ts/cli/create.js";
+import { runOurs, type CliResult } from "../helpers/cli.js";
 import { describeQemu, qemuImg, tempDir } from "../helpers/qemu.js";
 
 /** What to expect of the file named by the first "@" argument. */
 type Files = "same" | "clean";
 
-async function ours(args: string[]): Promise<{ stdout: string; stderr: string; status: number }> {
-  let stdout = "";
-  let stderr = "";
-  let status: number;
-  try {
-    status = await create(args, (t) => (stdout += t), (t) => (stderr += t));
-  } catch (e) {
-    // What ts/cli/main.ts prints for a usage error (qemu's error_exit).
-    if (!(e instanceof UsageError)) throw e;
-    stderr += `qcow2-img: ${e.message}\nTry 'qcow2-img --help' for more information\n`;
-    status = 1;
-  }
-  return { stdout, stderr, status };
+async function ours(args: string[]): Promise<CliResult> {
+  return runOurs(create, args, { qemuNames: false });
 }
 
 describeQemu("qcow2-img create", () => {

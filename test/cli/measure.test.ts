@@ -11,20 +11,11 @@ import { beforeAll, expect, it } from "vitest";
 import { UsageError } from "../../ts/cli/args.js";
 import { create } from "../../ts/cli/create.js";
 import { measure } from "../../ts/cli/measure.js";
+import { runOurs, type CliResult } from "../helpers/cli.js";
 import { describeQemu, qemuImg, qemuIo, randomBytes, rng, tempDir } from "../helpers/qemu.js";
 
-async function ours(args: string[]): Promise<{ stdout: string; stderr: string; status: number }> {
-  let stdout = "";
-  let stderr = "";
-  let status: number;
-  try {
-    status = await measure(args, (t) => (stdout += t), (t) => (stderr += t));
-  } catch (e) {
-    if (!(e instanceof UsageError)) throw e;
-    stderr += `qcow2-img: ${e.message}\nTry 'qcow2-img --help' for more information\n`;
-    status = 1;
-  }
-  return { stdout, stderr, status };
+async function ours(args: string[]): Promise<CliResult> {
+  return runOurs(measure, args, { qemuNames: false });
 }
 
 describeQemu("qcow2-img measure", () => {

@@ -11,8 +11,11 @@ export interface CliResult {
   status: number;
 }
 
-/** Our command in-process, with main's handling of usage errors; program names made qemu's. */
-export async function runOurs(command: Command, args: string[]): Promise<CliResult> {
+/**
+ * Our command in-process, with main's handling of usage errors (qemu's error_exit); program
+ * names in stderr made qemu's unless `qemuNames` is false.
+ */
+export async function runOurs(command: Command, args: string[], { qemuNames = true } = {}): Promise<CliResult> {
   let stdout = "";
   let stderr = "";
   let status: number;
@@ -23,7 +26,7 @@ export async function runOurs(command: Command, args: string[]): Promise<CliResu
     stderr += `qcow2-img: ${e.message}\nTry 'qcow2-img --help' for more information\n`;
     status = 1;
   }
-  return { stdout, stderr: stderr.replaceAll("qcow2-img", "qemu-img"), status };
+  return { stdout, stderr: qemuNames ? stderr.replaceAll("qcow2-img", "qemu-img") : stderr, status };
 }
 
 /** `qemu-img <subcommand> args...`. */
