@@ -31,3 +31,4 @@ export {
   type CheckCounts,
   type RepairMode,
 } from "./check/check.js";
+export { convert, type ConvertOptions } from "./ops/convert.js";

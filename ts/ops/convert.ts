@@ -128,9 +128,10 @@ export async function convert(sources: GuestDevice[], target: BlockBackend | str
     const grain = sparse !== 0 && options.format === "qcow2" && sparse < clusterSize && clusterSize % sparse === 0 ? clusterSize : sparse;
     const core = await WasmCore.create(options.wasm);
     const bufPtr = core.reserve(bufferSize, 64);
-    // Compressing: two buffers, so the next chunk is read while the last one deflates.
-    const altPtr = options.compress ? core.reserve(bufferSize, 64) : bufPtr;
-    let compressing: Promise<void> | undefined;
+    // Two buffers: the next chunk is read while the last one is written (or deflated). With a
+    // target backend that writes off the main thread, reads and writes then overlap.
+    const altPtr = core.reserve(bufferSize, 64);
+    let writing: Promise<void> | undefined;
     let useAlt = false;
     let base = 0;
     let done = 0;
@@ -170,19 +171,22 @@ export async function convert(sources: GuestDevice[], target: BlockBackend | str
           useAlt = !useAlt;
           const buf = core.bytes(ptr, length);
           await source.readInto(buf, pos);
-          await compressing;
-          compressing = writeCompressedRuns(core, ptr, buf, at, unit, out);
-          // Nothing else touches the target meanwhile: zero ranges need no writes when compressing.
-          compressing.catch(() => undefined);
+          await writing;
+          writing = writeCompressedRuns(core, ptr, buf, at, unit, out);
+          writing.catch(() => undefined); // awaited before the next write, and at the end
         } else if (!mapped && (options.topOnly || sparse !== 0)) {
           // Left to the backing file (topOnly) or already zero in the target.
           if (!options.topOnly && !out.zeroed) await out.writeZeroes(at, length);
         } else if (zero && sparse !== 0) {
           if (!out.zeroed) await out.writeZeroes(at, length);
         } else {
-          const buf = core.bytes(bufPtr, length);
+          const ptr = useAlt ? altPtr : bufPtr;
+          useAlt = !useAlt;
+          const buf = core.bytes(ptr, length);
           await source.readInto(buf, pos);
-          await writeData(core, bufPtr, buf, at, grain, out);
+          await writing;
+          writing = writeData(core, ptr, buf, at, grain, out);
+          writing.catch(() => undefined); // awaited before the next write, and at the end
         }
         pos += length;
         done += length;
@@ -190,7 +194,7 @@ export async function convert(sources: GuestDevice[], target: BlockBackend | str
       }
       base += source.virtualSize;
     }
-    await compressing;
+    await writing;
   } finally {
     await out.close();
   }
