@@ -133,6 +133,21 @@ export async function convert(sources: GuestDevice[], target: BlockBackend | str
     const altPtr = core.reserve(bufferSize, 64);
     let writing: Promise<void> | undefined;
     let useAlt = false;
+    /** Read a chunk into the free buffer, then start writing it once the last write is done. */
+    const copyChunk = async (
+      source: GuestDevice,
+      from: number,
+      length: number,
+      write: (ptr: number, buf: Uint8Array) => Promise<void>,
+    ): Promise<void> => {
+      const ptr = useAlt ? altPtr : bufPtr;
+      useAlt = !useAlt;
+      const buf = core.bytes(ptr, length);
+      await source.readInto(buf, from);
+      await writing;
+      writing = write(ptr, buf);
+      writing.catch(() => undefined); // awaited before the next write, and at the end
+    };
     let base = 0;
     let done = 0;
     for (const source of sources) {
@@ -167,26 +182,14 @@ export async function convert(sources: GuestDevice[], target: BlockBackend | str
             }
           }
           length = Math.min(bufferSize, source.virtualSize - pos);
-          const ptr = useAlt ? altPtr : bufPtr;
-          useAlt = !useAlt;
-          const buf = core.bytes(ptr, length);
-          await source.readInto(buf, pos);
-          await writing;
-          writing = writeCompressedRuns(core, ptr, buf, at, unit, out);
-          writing.catch(() => undefined); // awaited before the next write, and at the end
+          await copyChunk(source, pos, length, (ptr, buf) => writeCompressedRuns(core, ptr, buf, at, unit, out));
         } else if (!mapped && (options.topOnly || sparse !== 0)) {
           // Left to the backing file (topOnly) or already zero in the target.
           if (!options.topOnly && !out.zeroed) await out.writeZeroes(at, length);
         } else if (zero && sparse !== 0) {
           if (!out.zeroed) await out.writeZeroes(at, length);
         } else {
-          const ptr = useAlt ? altPtr : bufPtr;
-          useAlt = !useAlt;
-          const buf = core.bytes(ptr, length);
-          await source.readInto(buf, pos);
-          await writing;
-          writing = writeData(core, ptr, buf, at, grain, out);
-          writing.catch(() => undefined); // awaited before the next write, and at the end
+          await copyChunk(source, pos, length, (ptr, buf) => writeData(core, ptr, buf, at, grain, out));
         }
         pos += length;
         done += length;
