@@ -12,6 +12,7 @@
 
 import { Qcow2Error, Qcow2ErrorCode, hex } from "../errors.js";
 import { readFully, type BlockBackend } from "../io/backend.js";
+import { MemoryBackend } from "../io/memory.js";
 import { getU64, setU64, view } from "../format/bytes.js";
 import { INCOMPAT_CORRUPT, INCOMPAT_DIRTY, QCOW_MAX_REFTABLE_SIZE } from "../format/constants.js";
 import type { Qcow2Header } from "../format/header.js";
@@ -217,10 +218,11 @@ export class RefcountCheck {
     }
     res.totalClusters = Math.ceil((Math.floor(h.size / 512) * 512) / this.cs);
     this.reftableEntries = (h.refcountTableClusters * this.cs) / 8;
+    // Tables past 2^53 (check mode only) lie past any file: they read as zeros, as in qemu.
     this.reftable = new Uint8Array(this.reftableEntries * 8);
-    await readFully(this.backend, this.reftable, h.refcountTableOffset);
+    if (h.farTables?.refcountTable === undefined) await readFully(this.backend, this.reftable, h.refcountTableOffset);
     this.l1 = new Uint8Array(h.l1Size * 8);
-    await readFully(this.backend, this.l1, h.l1TableOffset);
+    if (h.farTables?.l1Table === undefined) await readFully(this.backend, this.l1, h.l1TableOffset);
 
     this.allocImrt(this.nb);
     await this.calculateRefcounts(this.fix);
@@ -309,6 +311,18 @@ export class RefcountCheck {
     return this.x.refcountGet(this.imrt + (Math.floor(k / this.perBlock) * this.cs), k % this.perBlock, this.order);
   }
 
+  /** The same for a table stored past 2^53: always past the end of the file. */
+  private incRangeFar(offset: bigint | undefined, size: number): boolean {
+    if (offset === undefined) return false;
+    if (size > 0) {
+      this.diag(
+        `ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x${offset.toString(16)} size 0x${size.toString(16)}`,
+      );
+      this.counts.corruptions++;
+    }
+    return true;
+  }
+
   /** qcow2_inc_refcounts_imrt: one more reference to each cluster of [offset, offset + size). */
   private incRange(offset: number, size: number): void {
     if (size <= 0) return;
@@ -369,9 +383,9 @@ export class RefcountCheck {
       }
       await this.checkL1(sn.l1TableOffset, sn.l1Size, false, fix);
     }
-    this.incRange(h.snapshotsOffset, this.snapshotsBytes);
+    if (!this.incRangeFar(h.farTables?.snapshots, this.snapshotsBytes)) this.incRange(h.snapshotsOffset, this.snapshotsBytes);
     // refcount data
-    this.incRange(h.refcountTableOffset, this.reftableEntries * 8);
+    if (!this.incRangeFar(h.farTables?.refcountTable, this.reftableEntries * 8)) this.incRange(h.refcountTableOffset, this.reftableEntries * 8);
     // encryption
     const crypto = h.extensions.cryptoHeader;
     if (crypto && crypto.length) this.incRange(crypto.offset, crypto.length);
@@ -383,7 +397,7 @@ export class RefcountCheck {
   /** check_refcounts_l1 (and check_refcounts_l2 for each table it points to). */
   private async checkL1(l1Offset: number, l1Size: number, active: boolean, fix: number, known?: Uint8Array): Promise<void> {
     if (l1Size === 0) return;
-    this.incRange(l1Offset, l1Size * 8);
+    if (!(active && this.incRangeFar(this.h.farTables?.l1Table, l1Size * 8))) this.incRange(l1Offset, l1Size * 8);
     let l1 = known;
     if (!l1) {
       l1 = new Uint8Array(l1Size * 8);
@@ -989,7 +1003,11 @@ export async function readSnapshotsForCheck(
 ): Promise<{ entries: SnapshotEntry[]; bytes: number }> {
   if (h.nbSnapshots === 0) return { entries: [], bytes: 0 };
   try {
-    const table = await readSnapshotTable(backend, h.snapshotsOffset, h.nbSnapshots, { lenient: true });
+    // A table past 2^53 reads as zeros: entries of 40 bytes, nothing in them.
+    const table =
+      h.farTables?.snapshots !== undefined
+        ? await readSnapshotTable(new MemoryBackend(new Uint8Array(0)), 0, h.nbSnapshots, { lenient: true })
+        : await readSnapshotTable(backend, h.snapshotsOffset, h.nbSnapshots, { lenient: true });
     if (h.version >= 3) {
       // v3 entries must carry at least the VM state size and disk size as extra data. (Rewriting
       // the table to add them, as qemu's repair does, needs the snapshot writer of issue 6.)

@@ -92,6 +92,11 @@ export interface Qcow2Header {
   unknownHeaderFields: Uint8Array;
   extensions: HeaderExtensions;
   backingFile?: string;
+  /**
+   * Check mode only: tables whose offset is past 2^53 (qemu reads zeros there; nothing is
+   * stored so far out). The number fields then hold 0; these hold the offsets as stored.
+   */
+  farTables?: { l1Table?: bigint; refcountTable?: bigint; snapshots?: bigint };
 }
 
 function bad(message: string): Qcow2Error {
@@ -119,6 +124,21 @@ function checkTableOffset(
   if (offset + tableBytes > Number.MAX_SAFE_INTEGER) {
     throw bad(`${field} ${hex(offset)} + ${tableBytes} bytes of table ends past 2^53`);
   }
+}
+
+/** qemu refuses requests past this (BDRV_MAX_LENGTH). */
+const BDRV_MAX_LENGTH = 2n ** 63n - 2n ** 30n;
+
+/**
+ * Check mode: a table past 2^53 is accepted when qemu would accept it (aligned, and reads of it
+ * stay below BDRV_MAX_LENGTH); returns its offset as stored, or undefined when it is near.
+ */
+function farTableOffset(field: string, dv: DataView, pos: number, tableBytes: number, clusterSize: number): bigint | undefined {
+  const value = getU64Big(dv, pos);
+  if (value < 2n ** 53n) return undefined;
+  if (value % BigInt(clusterSize) !== 0n) throw bad(`${field} ${hex(value)} is not aligned to the cluster size ${clusterSize}`);
+  if (value + BigInt(tableBytes) > BDRV_MAX_LENGTH) throw bad(`${field} ${hex(value)} + ${tableBytes} bytes of table ends past 2^63 - 2^30`);
+  return value;
 }
 
 /**
@@ -168,6 +188,7 @@ export interface ParseHeaderOptions {
 
 export function parseHeader(cluster0: Uint8Array, options: ParseHeaderOptions = {}): Qcow2Header {
   const forCheck = options.check ?? false;
+  const far: { l1Table?: bigint | undefined; refcountTable?: bigint | undefined; snapshots?: bigint | undefined } = {};
   const { version, clusterBits } = probeHeader(cluster0);
   const clusterSize = 2 ** clusterBits;
   if (cluster0.length < clusterSize) {
@@ -180,7 +201,7 @@ export function parseHeader(cluster0: Uint8Array, options: ParseHeaderOptions = 
   const cryptMethod = dv.getUint32(32);
   const l1Size = dv.getUint32(36);
   let l1TableOffset = getU64(dv, 40);
-  const refcountTableOffset = getU64(dv, 48);
+  let refcountTableOffset = getU64(dv, 48);
   const refcountTableClusters = dv.getUint32(56);
   const nbSnapshots = dv.getUint32(60);
   let snapshotsOffset = getU64(dv, 64);
@@ -244,6 +265,7 @@ export function parseHeader(cluster0: Uint8Array, options: ParseHeaderOptions = 
     throw bad(`l1_size ${l1Size} is too small for size ${size} (needs ${l1Needed} entries)`);
   }
   if (l1Size === 0) l1TableOffset = unusedTableOffset("l1_table_offset", dv, 40, clusterSize);
+  else if (forCheck && (far.l1Table = farTableOffset("l1_table_offset", dv, 40, l1Size * 8, clusterSize)) !== undefined) l1TableOffset = 0;
   else checkTableOffset("l1_table_offset", dv, 40, l1TableOffset, l1Size * 8, clusterSize);
   if (!forCheck && l1Size > 0 && l1TableOffset === 0) throw bad(`l1_table_offset is 0 (inside the header) with l1_size ${l1Size}`);
 
@@ -255,7 +277,9 @@ export function parseHeader(cluster0: Uint8Array, options: ParseHeaderOptions = 
   }
   // qemu: "Image does not contain a reference count table" (only `check` opens such images).
   if (!forCheck && refcountTableClusters === 0) throw bad(`refcount_table_clusters is 0 (no refcount table)`);
-  checkTableOffset("refcount_table_offset", dv, 48, refcountTableOffset, refcountTableClusters * clusterSize, clusterSize);
+  if (forCheck && (far.refcountTable = farTableOffset("refcount_table_offset", dv, 48, refcountTableClusters * clusterSize, clusterSize)) !== undefined) {
+    refcountTableOffset = 0;
+  } else checkTableOffset("refcount_table_offset", dv, 48, refcountTableOffset, refcountTableClusters * clusterSize, clusterSize);
   if (!forCheck && refcountTableOffset === 0) throw bad(`refcount_table_offset is 0 (inside the header)`);
 
   if (nbSnapshots > QCOW_MAX_SNAPSHOTS) {
@@ -266,6 +290,7 @@ export function parseHeader(cluster0: Uint8Array, options: ParseHeaderOptions = 
   }
   // 40 bytes is the fixed part of a snapshot table entry (qemu's QCowSnapshotHeader).
   if (nbSnapshots === 0) snapshotsOffset = unusedTableOffset("snapshots_offset", dv, 64, clusterSize);
+  else if (forCheck && (far.snapshots = farTableOffset("snapshots_offset", dv, 64, nbSnapshots * 40, clusterSize)) !== undefined) snapshotsOffset = 0;
   else checkTableOffset("snapshots_offset", dv, 64, snapshotsOffset, nbSnapshots * 40, clusterSize);
   if (!forCheck && nbSnapshots > 0 && snapshotsOffset === 0) {
     throw bad(`snapshots_offset is 0 (inside the header) with nb_snapshots ${nbSnapshots}`);
@@ -312,6 +337,8 @@ export function parseHeader(cluster0: Uint8Array, options: ParseHeaderOptions = 
     extensions,
   };
   if (backingFile !== undefined) header.backingFile = backingFile;
+  const farTables = Object.fromEntries(Object.entries(far).filter(([, v]) => v !== undefined));
+  if (Object.keys(farTables).length > 0) header.farTables = farTables;
   return header;
 }
 
