@@ -8,18 +8,13 @@ import path from "node:path";
 import { expect, it } from "vitest";
 import "../../ts/node.js";
 import { convert } from "../../ts/cli/convert.js";
-import { describeQemu, qemuImg, qemuIo, qemuMap, tempDir } from "../helpers/qemu.js";
+import { runOurs, type CliResult } from "../helpers/cli.js";
+import { describeQemu, qemuImg, qemuIo, allocationLayout, tempDir } from "../helpers/qemu.js";
 
-async function run(argv: string[]): Promise<{ status: number; stdout: string; stderr: string }> {
-  let stdout = "";
-  let stderr = "";
-  const status = await convert(argv, (t) => void (stdout += t), (t) => void (stderr += t));
-  return { status, stdout, stderr };
+function run(argv: string[]): Promise<CliResult> {
+  return runOurs(convert, argv, { qemuNames: false });
 }
 
-function layout(file: string): string[] {
-  return qemuMap(file).map((e) => `${e.start}+${e.length}:${e.data ? "data" : e.zero ? "zero" : "hole"}`);
-}
 
 describeQemu("qcow2-img convert", () => {
   const dir = tempDir("qcow2-cliconvert-");
@@ -56,7 +51,7 @@ describeQemu("qcow2-img convert", () => {
       if (fmt === "raw") expect(readFileSync(mine).equals(readFileSync(theirs))).toBe(true);
       else {
         expect(spawnSync("qemu-img", ["check", mine]).status).toBe(0);
-        expect(layout(mine)).toEqual(layout(theirs));
+        expect(allocationLayout(mine)).toEqual(allocationLayout(theirs));
         const info = (f: string) => JSON.parse(qemuImg(["info", "--output=json", f])) as Record<string, unknown>;
         const pick = (i: Record<string, unknown>) => ({ size: i["virtual-size"], cluster: i["cluster-size"], backing: i["backing-filename"], spec: i["format-specific"] });
         expect(pick(info(mine))).toEqual(pick(info(theirs)));

@@ -41,6 +41,11 @@ export function qemuMap(file: string): QemuMapEntry[] {
   return JSON.parse(qemuImg(["map", "--output=json", file])) as QemuMapEntry[];
 }
 
+/** What qemu-img map says is data, zero or a hole, range by range: the layout, not where it lies. */
+export function allocationLayout(file: string): string[] {
+  return qemuMap(file).map((e) => `${e.start}+${e.length}:${e.data ? "data" : e.zero ? "zero" : "hole"}`);
+}
+
 /** A temporary directory removed after the calling file's tests. */
 export function tempDir(prefix = "qcow2-test-"): string {
   const dir = mkdtempSync(path.join(tmpdir(), prefix));

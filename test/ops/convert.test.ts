@@ -9,16 +9,13 @@ import { expect, it } from "vitest";
 import { convert, type ConvertOptions } from "../../ts/ops/convert.js";
 import { openDevice } from "../../ts/cli/open.js";
 import "../../ts/node.js";
-import { describeQemu, qemuImg, qemuIo, qemuMap, tempDir } from "../helpers/qemu.js";
+import { describeQemu, qemuImg, qemuIo, allocationLayout, tempDir } from "../helpers/qemu.js";
 
 function compare(a: string, b: string, fa = "qcow2", fb = "qcow2"): number | null {
   return spawnSync("qemu-img", ["compare", "-f", fa, "-F", fb, a, b]).status;
 }
 
 /** Which guest ranges are allocated data, zero or unallocated: the layout, not where. */
-function layout(file: string): string[] {
-  return qemuMap(file).map((e) => `${e.start}+${e.length}:${e.data ? "data" : e.zero ? "zero" : "hole"}`);
-}
 
 describeQemu("convert", () => {
   const dir = tempDir("qcow2-convert-");
@@ -74,7 +71,7 @@ describeQemu("convert", () => {
       if (c.sources.length === 1) expect(compare(mine, c.sources[0]!, fmt, c.sources[0]!.endsWith(".raw") ? "raw" : "qcow2")).toBe(0);
       if (fmt === "qcow2") {
         expect(spawnSync("qemu-img", ["check", mine]).status).toBe(0);
-        expect(layout(mine)).toEqual(layout(theirs));
+        expect(allocationLayout(mine)).toEqual(allocationLayout(theirs));
         const info = (f: string) => JSON.parse(qemuImg(["check", "--output=json", f])) as Record<string, number>;
         expect(info(mine)["compressed-clusters"] ?? 0).toBe(info(theirs)["compressed-clusters"] ?? 0);
       } else {
@@ -89,7 +86,7 @@ describeQemu("convert", () => {
     await ours([top], mine, { format: "qcow2", create: { backingFile: base, backingFormat: "qcow2" }, topOnly: true });
     qemuImg(["convert", "-O", "qcow2", "-B", base, "-F", "qcow2", top, theirs]);
     expect(compare(mine, top)).toBe(0);
-    expect(layout(mine)).toEqual(layout(theirs));
+    expect(allocationLayout(mine)).toEqual(allocationLayout(theirs));
     expect(spawnSync("qemu-img", ["check", mine]).status).toBe(0);
   });
 
