@@ -455,8 +455,7 @@ export class RefcountCheck {
     const x = this.x;
     const entries = this.cs / 8;
     const frag = active ? SCAN_FRAG_INFO : 0;
-    const stats = new Float64Array(this.core.u8().buffer, this.statsPtr, 4);
-    stats[CHECK_STAT_NEXT_CONTIGUOUS] = 0;
+    this.stats()[CHECK_STAT_NEXT_CONTIGUOUS] = 0;
     let i = 0;
     for (;;) {
       i = x.checkScanL2(slot, i, entries, this.cb, this.imrt, this.fastLimit(), this.order, frag, this.statsPtr);
@@ -465,11 +464,16 @@ export class RefcountCheck {
       i++;
     }
     if (active) {
-      const s = new Float64Array(this.core.u8().buffer, this.statsPtr, 4);
+      const s = this.stats();
       this.counts.allocatedClusters = s[CHECK_STAT_ALLOCATED]!;
       this.counts.fragmentedClusters = s[CHECK_STAT_FRAGMENTED]!;
       this.counts.compressedClusters = s[CHECK_STAT_COMPRESSED]!;
     }
+  }
+
+  /** The WASM scan's counters (re-derived: memory may have grown since the last view). */
+  private stats(): Float64Array {
+    return new Float64Array(this.core.u8().buffer, this.statsPtr, 4);
   }
 
   /** The full per-entry logic of check_refcounts_l2, for entries the WASM scan handed back. */
@@ -477,9 +481,8 @@ export class RefcountCheck {
     const res = this.counts;
     const cs = this.cs;
     const dv = this.core.dataView();
-    let hi = dv.getUint32(slot + i * 8);
+    const hi = dv.getUint32(slot + i * 8);
     const lo = dv.getUint32(slot + i * 8 + 4);
-    const stats = () => new Float64Array(this.core.u8().buffer, this.statsPtr, 4);
     const compressed = (hi & 0x40000000) !== 0;
     if (!compressed && (hi & 0x3f000000 || lo & 0x1fe)) {
       this.diag(`ERROR found l2 entry with reserved bits set: ${hex64(hi, lo)}`);
@@ -491,14 +494,13 @@ export class RefcountCheck {
       const coffset = entry & ((1n << shift) - 1n);
       if (hi & 0x80000000) {
         this.diag(`ERROR: coffset=0x${coffset.toString(16)}: copied flag must never be set for compressed clusters`);
-        hi &= 0x7fffffff;
         res.corruptions++;
       }
       const sectors = Number((entry >> shift) & ((1n << BigInt(this.cb - 8)) - 1n)) + 1;
       const csize = sectors * 512 - Number(coffset & 511n);
       this.incRange(Number(coffset), csize);
       if (active) {
-        const s = stats();
+        const s = this.stats();
         s[CHECK_STAT_ALLOCATED]!++;
         s[CHECK_STAT_COMPRESSED]!++;
         s[CHECK_STAT_FRAGMENTED]!++;
@@ -530,7 +532,7 @@ export class RefcountCheck {
       }
     }
     if (active) {
-      const s = stats();
+      const s = this.stats();
       s[CHECK_STAT_ALLOCATED]!++;
       const next = s[CHECK_STAT_NEXT_CONTIGUOUS]!;
       if (next !== 0 && hostOffset !== next) s[CHECK_STAT_FRAGMENTED]!++;
