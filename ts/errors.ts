@@ -32,6 +32,10 @@ export const Qcow2ErrorCode = {
   IO_ERROR: "IO_ERROR",
   /** The file is not in the format that was asked for. */
   WRONG_FORMAT: "WRONG_FORMAT",
+  /** No snapshot (or other named object) matches the id or name given. */
+  NOT_FOUND: "NOT_FOUND",
+  /** An id or name that must be unique is taken. */
+  ALREADY_EXISTS: "ALREADY_EXISTS",
 } as const;
 
 export type Qcow2ErrorCode = (typeof Qcow2ErrorCode)[keyof typeof Qcow2ErrorCode];

@@ -12,6 +12,7 @@ export {
   type ReadableOptions,
   type WriteZeroesOptions,
 } from "./image/qcow2-image.js";
+export { Snapshots, type SnapshotInfo, type CreateSnapshotOptions } from "./image/snapshots.js";
 export { RawDevice, type Extent, type ExtentKind, type GuestDevice } from "./image/device.js";
 export type { CreateOptions, Preallocation } from "./image/create.js";
 export { parseHeader, probeHeader, type Qcow2Header, type HeaderExtensions } from "./format/header.js";

@@ -59,3 +59,14 @@ export async function writeSizeAndL1(backend: BlockBackend, h: Qcow2Header, size
   h.l1Size = l1Size;
   h.l1TableOffset = l1TableOffset;
 }
+
+/** nb_snapshots and snapshots_offset together (bytes 60..71): a new snapshot table. */
+export async function writeSnapshotTablePointer(backend: BlockBackend, h: Qcow2Header, nbSnapshots: number, snapshotsOffset: number): Promise<void> {
+  const bytes = new Uint8Array(12);
+  const dv = new DataView(bytes.buffer);
+  dv.setUint32(0, nbSnapshots);
+  setU64(dv, 4, snapshotsOffset);
+  await writeDurably(backend, bytes, 60);
+  h.nbSnapshots = nbSnapshots;
+  h.snapshotsOffset = snapshotsOffset;
+}

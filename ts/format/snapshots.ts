@@ -4,7 +4,7 @@
 
 import { Qcow2Error, Qcow2ErrorCode, hex } from "../errors.js";
 import { readFully, type BlockBackend } from "../io/backend.js";
-import { decodeString, getU64, view } from "./bytes.js";
+import { decodeString, encodeString, getU64, setU64, view } from "./bytes.js";
 import { QCOW_MAX_L1_SIZE, QCOW_MAX_SNAPSHOTS, QCOW_MAX_SNAPSHOTS_SIZE } from "./constants.js";
 
 /** qemu refuses more extra data per snapshot than this (QCOW_MAX_SNAPSHOT_EXTRA_DATA). */
@@ -30,6 +30,9 @@ export interface SnapshotEntry {
   icount?: number;
   /** Extra data bytes, kept verbatim so a rewrite preserves what this library does not know. */
   extraData: Uint8Array;
+  /** The id and name as stored (qemu treats them as bytes; a rewrite keeps them exact). */
+  idBytes: Uint8Array;
+  nameBytes: Uint8Array;
 }
 
 export interface SnapshotTable {
@@ -37,6 +40,8 @@ export interface SnapshotTable {
   /** Bytes the table occupies from snapshots_offset. */
   tableBytes: number;
 }
+
+const EMPTY = new Uint8Array(0);
 
 /** Reads forward through the table in 64 KiB pieces. */
 class TableReader {
@@ -118,12 +123,16 @@ export async function readSnapshotTable(
       vmClockNsec,
       vmStateSize,
       extraData,
+      idBytes: EMPTY,
+      nameBytes: EMPTY,
     };
     if (extraSize >= 8) entry.vmStateSize = vmStateSize = getU64(ev, 0);
     if (extraSize >= 16) entry.diskSize = getU64(ev, 8);
     if (extraSize >= 24) entry.icount = Number(ev.getBigInt64(16));
-    entry.id = decodeString(await reader.bytes(pos + SNAPSHOT_FIXED_SIZE + extraSize, idSize));
-    entry.name = decodeString(await reader.bytes(pos + SNAPSHOT_FIXED_SIZE + extraSize + idSize, nameSize));
+    entry.idBytes = (await reader.bytes(pos + SNAPSHOT_FIXED_SIZE + extraSize, idSize)).slice();
+    entry.nameBytes = (await reader.bytes(pos + SNAPSHOT_FIXED_SIZE + extraSize + idSize, nameSize)).slice();
+    entry.id = decodeString(entry.idBytes);
+    entry.name = decodeString(entry.nameBytes);
     entries.push(entry);
     pos += entryBytes;
   }
@@ -139,4 +148,91 @@ export function snapshotL1Problem(entry: SnapshotEntry, clusterSize: number): st
     return `l1_size=${hex(entry.l1Size)}: L1 table is too large`;
   }
   return undefined;
+}
+
+/** The extra data qemu always writes: vm_state_size_large, disk_size and icount (QCowSnapshotExtraData). */
+export const SNAPSHOT_EXTRA_SIZE = 24;
+
+/** Bytes one entry takes in a table this library writes (qemu's layout), before padding to 8. */
+function encodedEntrySize(entry: SnapshotEntry): number {
+  return SNAPSHOT_FIXED_SIZE + Math.max(SNAPSHOT_EXTRA_SIZE, entry.extraData.length) + entry.idBytes.length + entry.nameBytes.length;
+}
+
+/** Bytes a table of `entries` takes when written (as qemu's qcow2_write_snapshots sizes it). */
+export function snapshotTableSize(entries: readonly SnapshotEntry[]): number {
+  let size = 0;
+  for (const entry of entries) size = Math.ceil(size / 8) * 8 + encodedEntrySize(entry);
+  return size;
+}
+
+/**
+ * Serialize a snapshot table as qemu writes one: every entry gets at least the 24 bytes of extra
+ * data qemu knows (any longer extra data is kept after them), the 32-bit VM state size only when
+ * it fits (older readers then see a disk-only snapshot rather than a truncated one), and entries
+ * padded to 8 bytes. `diskSize` stands in for entries that do not record theirs.
+ */
+export function encodeSnapshotTable(entries: readonly SnapshotEntry[], diskSize: number): Uint8Array {
+  const size = snapshotTableSize(entries);
+  if (entries.length > QCOW_MAX_SNAPSHOTS) {
+    throw new Qcow2Error(Qcow2ErrorCode.LIMIT_EXCEEDED, `snapshot table: ${entries.length} snapshots exceed the limit of ${QCOW_MAX_SNAPSHOTS}`);
+  }
+  if (size > QCOW_MAX_SNAPSHOTS_SIZE) {
+    throw new Qcow2Error(Qcow2ErrorCode.LIMIT_EXCEEDED, `snapshot table: ${size} bytes exceed the ${QCOW_MAX_SNAPSHOTS_SIZE}-byte limit`);
+  }
+  const out = new Uint8Array(Math.ceil(size / 8) * 8);
+  const dv = view(out);
+  let pos = 0;
+  for (const entry of entries) {
+    pos = Math.ceil(pos / 8) * 8;
+    if (entry.idBytes.length > 0xffff || entry.nameBytes.length > 0xffff) {
+      throw new Qcow2Error(Qcow2ErrorCode.LIMIT_EXCEEDED, `snapshot "${entry.name}": id or name longer than 65535 bytes`);
+    }
+    const extraSize = Math.max(SNAPSHOT_EXTRA_SIZE, entry.extraData.length);
+    setU64(dv, pos, entry.l1TableOffset);
+    dv.setUint32(pos + 8, entry.l1Size);
+    dv.setUint16(pos + 12, entry.idBytes.length);
+    dv.setUint16(pos + 14, entry.nameBytes.length);
+    dv.setUint32(pos + 16, entry.dateSec);
+    dv.setUint32(pos + 20, entry.dateNsec);
+    setU64(dv, pos + 24, entry.vmClockNsec);
+    dv.setUint32(pos + 32, entry.vmStateSize <= 0xffffffff ? entry.vmStateSize : 0);
+    dv.setUint32(pos + 36, extraSize);
+    const extra = pos + SNAPSHOT_FIXED_SIZE;
+    if (entry.extraData.length > SNAPSHOT_EXTRA_SIZE) out.set(entry.extraData.subarray(SNAPSHOT_EXTRA_SIZE), extra + SNAPSHOT_EXTRA_SIZE);
+    setU64(dv, extra, entry.vmStateSize);
+    setU64(dv, extra + 8, entry.diskSize ?? diskSize);
+    dv.setBigInt64(extra + 16, BigInt(entry.icount ?? -1));
+    out.set(entry.idBytes, extra + extraSize);
+    out.set(entry.nameBytes, extra + extraSize + entry.idBytes.length);
+    pos += encodedEntrySize(entry);
+  }
+  return out;
+}
+
+/** A new entry's fields; the extra data is made from them when the table is written. */
+export function newSnapshotEntry(fields: {
+  id: string;
+  name: string;
+  l1TableOffset: number;
+  l1Size: number;
+  dateSec: number;
+  dateNsec: number;
+  vmClockNsec: number;
+  vmStateSize: number;
+  diskSize: number;
+  icount: number;
+}): SnapshotEntry {
+  const idBytes = encodeString(fields.id);
+  const nameBytes = encodeString(fields.name);
+  return { ...fields, l1TableOffsetRaw: BigInt(fields.l1TableOffset), extraData: EMPTY, idBytes, nameBytes };
+}
+
+/** qemu's find_new_snapshot_id: one more than the largest id read as a number (strtoul). */
+export function nextSnapshotId(entries: readonly SnapshotEntry[]): string {
+  let max = 0;
+  for (const entry of entries) {
+    const m = /^\s*\+?(\d+)/.exec(entry.id);
+    if (m) max = Math.max(max, Number(m[1]));
+  }
+  return String(max + 1);
 }

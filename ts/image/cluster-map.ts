@@ -227,6 +227,93 @@ export class ClusterMap {
     }
   }
 
+  /**
+   * qemu's qcow2_update_snapshot_refcount over the tables `l1` reaches: with `addend` +1 every L2
+   * table and host cluster it reaches gains a reference now; with -1 each loses one, queued until
+   * the next writeBack (after the tables that stopped pointing at them are durable); with 0 only
+   * QCOW_OFLAG_COPIED is recomputed. COPIED is set in the L2 entries and in `l1` where the
+   * refcount is exactly 1 (compressed clusters never), cleared elsewhere; a -1 pass leaves the
+   * flags alone (the tables it walks are leaving). Returns the L2 tables `l1` reaches. Under `lock`.
+   */
+  async updateSnapshotRefcount(l1: L1Table, addend: -1 | 0 | 1): Promise<number[]> {
+    const refcounts = this.writableRefcounts;
+    const cs = this.clusterSize;
+    const tables: number[] = [];
+    // Increments go out in runs of contiguous clusters.
+    let runFirst = -1;
+    let runCount = 0;
+    const addRun = async (first: number, count: number): Promise<void> => {
+      if (addend === 0) return;
+      if (addend < 0) {
+        refcounts.releaseLater(first, count);
+        return;
+      }
+      if (runCount > 0 && first === runFirst + runCount) {
+        runCount += count;
+        return;
+      }
+      if (runCount > 0) await refcounts.add(runFirst, runCount, 1);
+      runFirst = first;
+      runCount = count;
+    };
+    const csizeShift = 62 - (this.clusterBits - 8);
+    for (let l1Index = 0; l1Index < l1.size; l1Index++) {
+      const l2Offset = l1.l2Offset(l1Index);
+      if (l2Offset === 0) continue;
+      if (l2Offset % cs !== 0) {
+        throw new Qcow2Error(Qcow2ErrorCode.CORRUPT, `${this.name}: L2 table offset ${hex(l2Offset)} at L1 index ${l1Index} is not cluster aligned`);
+      }
+      tables.push(l2Offset);
+      await this.l2.get(l2Offset);
+      let changed = false;
+      for (let i = 0; i < this.l2Entries; i++) {
+        // The slot is looked up again after every await (the cache may have moved it).
+        let ptr = await this.l2.get(l2Offset);
+        let dv = this.core.dataView();
+        const hi = dv.getUint32(ptr + i * 8);
+        const lo = dv.getUint32(ptr + i * 8 + 4);
+        let refcount = 0;
+        if (hi & QCOW_OFLAG_COMPRESSED_HI) {
+          // Offset in the low csizeShift bits, then (512-byte sectors - 1).
+          const desc = (BigInt(hi & 0x3fffffff) << 32n) | BigInt(lo);
+          const hostOffset = Number(desc & ((1n << BigInt(csizeShift)) - 1n));
+          const sectors = Number((desc >> BigInt(csizeShift)) & BigInt(2 ** (this.clusterBits - 8) - 1)) + 1;
+          const size = sectors * 512 - (hostOffset % 512);
+          const first = Math.floor(hostOffset / cs);
+          await addRun(first, Math.floor((hostOffset + size - 1) / cs) - first + 1);
+          refcount = 2;
+        } else {
+          const hostOffset = (hi & 0x00ffffff) * 0x100000000 + ((lo & 0xfffffe00) >>> 0);
+          if (hostOffset !== 0) {
+            if (hostOffset % cs !== 0) {
+              throw new Qcow2Error(
+                Qcow2ErrorCode.CORRUPT,
+                `${this.name}: L2 table ${hex(l2Offset)} entry ${i}: cluster offset ${hex(hostOffset)} is not cluster aligned`,
+              );
+            }
+            await addRun(hostOffset / cs, 1);
+            refcount = addend > 0 ? 2 : addend === 0 ? await refcounts.get(hostOffset / cs) : -1;
+          }
+        }
+        if (addend < 0) continue;
+        const copied = refcount === 1;
+        if (copied !== ((hi & QCOW_OFLAG_COPIED_HI) !== 0)) {
+          ptr = await this.l2.get(l2Offset);
+          dv = this.core.dataView();
+          dv.setUint32(ptr + i * 8, (copied ? hi | QCOW_OFLAG_COPIED_HI : hi & ~QCOW_OFLAG_COPIED_HI) >>> 0);
+          changed = true;
+        }
+      }
+      if (changed) this.l2.markDirty(l2Offset);
+      await addRun(l2Offset / cs, 1);
+      if (addend < 0) continue;
+      const copied = addend === 0 && (await refcounts.get(l2Offset / cs)) === 1;
+      if (copied !== l1.copied(l1Index)) l1.set(l1Index, l2Offset, copied);
+    }
+    if (runCount > 0) await refcounts.add(runFirst, runCount, 1);
+    return tables;
+  }
+
   get dirty(): boolean {
     return this.l1.dirty || this.l2.hasDirty() || (this.refcounts?.hasDirty() ?? false) || (this.refcounts?.hasPendingDecrements() ?? false);
   }

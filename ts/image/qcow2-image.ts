@@ -26,8 +26,10 @@ import { repairDirtyImage } from "../check/check.js";
 import { refuseFeatures, refuseWrites } from "./features.js";
 import { MetadataClusters } from "./overlap.js";
 import { readSnapshotTable } from "../format/snapshots.js";
+import { findSnapshot, Snapshots, type SnapshotHost } from "./snapshots.js";
 import { resolveBackend } from "../io/resolve.js";
 import { writeAutoclear, writeIncompatible, writeRefcountTablePointer, writeSize, writeSizeAndL1 } from "../format/header-update.js";
+import { writeBackingFile } from "../format/header-backing.js";
 import type { ClusterDeflater, ClusterInflater } from "../codecs/deflate.js";
 import { platform } from "../platform.js";
 import { WasmCore, type WasmVariant } from "../wasm/core.js";
@@ -58,6 +60,11 @@ export interface OpenOptions {
   refcountCacheSize?: number;
   /** Force the scalar or SIMD WebAssembly build. */
   wasm?: WasmVariant;
+  /**
+   * Open the disk as it was at this internal snapshot, read-only (qemu-img convert -l): an id or
+   * name (id first), or both to match.
+   */
+  snapshot?: string | { id?: string; name?: string };
 }
 
 /** @internal */
@@ -166,6 +173,7 @@ export class Qcow2Image implements GuestDevice {
   /** Host clusters holding metadata, built at the first in-place write. */
   private metadata: MetadataClusters | undefined;
   private snapshotTableBytes = 0;
+  private snapshotsApi: Snapshots | undefined;
 
   private constructor(backend: BlockBackend, header: Qcow2Header, map: ClusterMap, backing: GuestDevice | undefined, fileSize: number) {
     this.backend = backend;
@@ -188,7 +196,7 @@ export class Qcow2Image implements GuestDevice {
         throw new Qcow2Error(Qcow2ErrorCode.READ_ONLY, `${backend.name}: cannot open read-write: the backend is read-only`);
       }
       const fileSize = await backend.size();
-      const header = await readHeader(backend, fileSize);
+      let header = await readHeader(backend, fileSize);
       const clusterBits = header.clusterBits;
       refuseFeatures(header, backend.name);
       if (!readOnly) {
@@ -197,6 +205,10 @@ export class Qcow2Image implements GuestDevice {
         if (header.incompatibleFeatures & BigInt(INCOMPAT_DIRTY)) await repairDirtyImage(backend, header, { wasm: options.wasm });
       }
 
+      if (options.snapshot !== undefined) {
+        if (!readOnly) throw new TypeError("open: a snapshot can only be opened read-only");
+        header = await snapshotView(backend, header, options.snapshot);
+      }
       const l1 = new L1Table(header.l1Size);
       await readFully(backend, l1.bytes, header.l1TableOffset);
 
@@ -394,7 +406,12 @@ export class Qcow2Image implements GuestDevice {
     this.snapshotTableBytes = this.header.nbSnapshots * 40;
     if (this.header.nbSnapshots > 0) {
       const table = await readSnapshotTable(this.backend, this.header.snapshotsOffset, this.header.nbSnapshots).catch(() => undefined);
-      if (table) this.snapshotTableBytes = table.tableBytes;
+      if (table) {
+        this.snapshotTableBytes = table.tableBytes;
+        for (const sn of table.entries) {
+          for (let pos = 0; pos < sn.l1Size * 8; pos += cs) meta.add(sn.l1TableOffset + pos, "inactive L1 table");
+        }
+      }
     }
     this.metadata = meta;
     return meta;
@@ -415,6 +432,48 @@ export class Qcow2Image implements GuestDevice {
       Qcow2ErrorCode.CORRUPT,
       `${this.name}: preventing a guest write at host offset ${hex(hostOffset)} (+${length}): it overlaps the ${what}; the image is now marked corrupt`,
     );
+  }
+
+  /** Internal snapshots: list, create, apply, delete, rename, and VM state. */
+  get snapshots(): Snapshots {
+    this.live("snapshots");
+    this.snapshotsApi ??= new Snapshots(this.snapshotHost());
+    return this.snapshotsApi;
+  }
+
+  private snapshotHost(): SnapshotHost {
+    return {
+      name: this.name,
+      backend: this.backend,
+      header: this.header,
+      map: this.map,
+      clusterSize: this.clusterSize,
+      writable: (op) => this.writable(op),
+      exclusive: async (fn) => {
+        const claim = this.map.inflight.claim(0, Infinity);
+        try {
+          await claim.ready;
+          return await this.guarded(() =>
+            this.map.lock.run(async () => {
+              await this.beginWrite();
+              return fn();
+            }),
+          );
+        } finally {
+          claim.release();
+        }
+      },
+      writeBack: () => this.map.writeBack(() => this.drainReads()),
+      growL1: (l1Size) => this.growL1(l1Size, this.header.size),
+      resize: (size) => this.resize(size, { shrink: true }),
+      l1Replaced: () => {
+        this.metadata = undefined;
+      },
+      readBeyond: (dst, guestOffset) => this.readInto(dst, guestOffset),
+      writeBeyond: (guestOffset, data) => this.guarded(() => this.owning(guestOffset, data.length, () => this.writeOwned(guestOffset, data))),
+      discardBeyond: (guestOffset, length) =>
+        this.guarded(() => this.owning(guestOffset, length, () => this.forEachTable(guestOffset, length, (g, n) => this.discardSegment(g, n)))),
+    };
   }
 
   /** Read `length` guest bytes, or fill `dst`, from `guestOffset`. */
@@ -650,6 +709,10 @@ export class Qcow2Image implements GuestDevice {
     }
     const oldSize = this.header.size;
     if (newSize === oldSize) return;
+    if (this.header.nbSnapshots > 0 && this.header.version < 3) {
+      // qemu: a v2 snapshot does not record its disk size, so the image cannot change under it.
+      throw new Qcow2Error(Qcow2ErrorCode.NOT_SUPPORTED, `${this.name}: Can't resize a v2 image which has snapshots`);
+    }
     const cs = this.clusterSize;
     const span = this.map.l1Span;
     // No request may be in flight over the range that appears or disappears.
@@ -1152,6 +1215,48 @@ export class Qcow2Image implements GuestDevice {
     );
   }
 
+  // ---- Backing file name and emptying (qemu-img rebase and commit) ---------------------------
+
+  /**
+   * Point the header at another backing file, or at none (`backingFile` undefined or ""), with
+   * `backingFormat` in the backing-format extension (qemu's qcow2_change_backing_file: cluster 0
+   * rebuilt and written in one write, then flushed). Guest data is not touched, and the backing
+   * device this image has open stays the one it was opened with: reopen to read through the new one.
+   */
+  async setBackingFile(backingFile: string | undefined, backingFormat?: string): Promise<void> {
+    this.writable("setBackingFile");
+    await this.flush();
+    await this.map.lock.run(async () => {
+      await this.beginWrite();
+      await writeBackingFile(this.backend, this.header, this.clusterSize, backingFile || undefined, backingFormat);
+    });
+  }
+
+  /**
+   * Deallocate every guest cluster and L2 table of the active L1, so that the whole disk reads from
+   * the backing file (or as zeros without one): qemu's bdrv_make_empty, which qemu-img commit runs
+   * on the image it committed. Clusters that snapshots still use stay allocated.
+   */
+  async makeEmpty(): Promise<void> {
+    this.writable("makeEmpty");
+    await this.guarded(async () => {
+      const claim = this.map.inflight.claim(0, Infinity);
+      try {
+        await claim.ready;
+        await this.map.lock.run(async () => {
+          await this.beginWrite();
+          await this.dropBeyond(0);
+          await this.map.writeBack(() => this.drainReads());
+        });
+      } finally {
+        claim.release();
+      }
+    });
+    await this.flush();
+  }
+
+  // ---- end of rebase and commit helpers --------------------------------------------------------
+
   /** Header facts. */
   info(): ImageInfo {
     const h = this.header;
@@ -1235,6 +1340,27 @@ function mergeable(a: Extent, b: Extent): boolean {
   if (a.kind !== b.kind || a.depth !== b.depth || a.kind === "compressed") return false;
   if (a.hostOffset === undefined || b.hostOffset === undefined) return a.hostOffset === b.hostOffset;
   return a.hostOffset + a.length === b.hostOffset;
+}
+
+/** The header of `backend` as seen at an internal snapshot: its size, and its L1 table in place of the active one. */
+async function snapshotView(backend: BlockBackend, header: Qcow2Header, which: string | { id?: string; name?: string }): Promise<Qcow2Header> {
+  const table = await readSnapshotTable(backend, header.snapshotsOffset, header.nbSnapshots);
+  const index = findSnapshot(table.entries, which);
+  if (index < 0) {
+    const what = typeof which === "string" ? `'${which}'` : JSON.stringify(which);
+    throw new Qcow2Error(Qcow2ErrorCode.NOT_FOUND, `${backend.name}: no snapshot with id or name ${what}`);
+  }
+  const sn = table.entries[index]!;
+  const cs = 2 ** header.clusterBits;
+  if (sn.l1TableOffset % cs !== 0 || sn.l1Size * 8 > 32 * 1024 * 1024 || (sn.l1Size > 0 && sn.l1TableOffset === 0)) {
+    throw new Qcow2Error(Qcow2ErrorCode.CORRUPT, `${backend.name}: snapshot '${sn.name}': L1 table at ${hex(sn.l1TableOffset)} (${sn.l1Size} entries) is invalid`);
+  }
+  const size = sn.diskSize ?? header.size;
+  const span = cs * (cs / 8);
+  if (sn.l1Size < Math.ceil(size / span)) {
+    throw new Qcow2Error(Qcow2ErrorCode.CORRUPT, `${backend.name}: snapshot '${sn.name}': L1 table of ${sn.l1Size} entries cannot map a ${size}-byte disk`);
+  }
+  return { ...header, size, l1Size: sn.l1Size, l1TableOffset: sn.l1TableOffset };
 }
 
 /** The virtual size of the backing file `backingFile` named by an image called `imageName`. */

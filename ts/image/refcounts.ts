@@ -119,6 +119,29 @@ export class Refcounts {
     return this.core.exports.refcountGet(ptr, cluster - ti * this.entriesPerBlock, this.order);
   }
 
+  // ---- Added for amend (ops/amend.ts, qemu's qcow2_change_refcount_order walks every refblock) ----
+
+  /** Refcounts of the clusters [first, first + dst.length) into `dst`: one block lookup per block. */
+  async getMany(first: number, dst: Float64Array): Promise<void> {
+    const e = this.entriesPerBlock;
+    const x = this.core.exports;
+    for (let i = 0; i < dst.length; ) {
+      const c = first + i;
+      const ti = Math.floor(c / e);
+      const n = Math.min(dst.length - i, (ti + 1) * e - c);
+      const blockOffset = this.blockOffset(ti);
+      if (blockOffset === 0) {
+        dst.fill(0, i, i + n);
+      } else {
+        const ptr = await this.blocks.get(blockOffset);
+        for (let k = 0; k < n; k++) dst[i + k] = x.refcountGet(ptr, c - ti * e + k, this.order);
+      }
+      i += n;
+    }
+  }
+
+  // ---- end of the amend additions ----
+
   /** Add `delta` to the refcount of every cluster in [first, first + count) now; blocks must exist. */
   async add(first: number, count: number, delta: number): Promise<void> {
     const e = this.entriesPerBlock;
@@ -133,8 +156,9 @@ export class Refcounts {
         const index = c - ti * e;
         const value = x.refcountGet(ptr, index, this.order) + delta;
         if (value < 0 || value > this.maxRefcount) {
+          // Below zero the refcounts are wrong; past the width there are simply too many references.
           throw new Qcow2Error(
-            Qcow2ErrorCode.CORRUPT,
+            value < 0 ? Qcow2ErrorCode.CORRUPT : Qcow2ErrorCode.LIMIT_EXCEEDED,
             `refcount of cluster ${c} would become ${value} (refcount width ${2 ** this.order} bits)`,
           );
         }
