@@ -22,7 +22,8 @@ async function describe(file: string, format: ImageFormat | undefined): Promise<
       const fmt = device.header.extensions.backingFormat;
       next = { file: fullBackingFilename, format: fmt === undefined ? undefined : parseFormat(fmt) };
     }
-    const options = fullBackingFilename === undefined ? { filename: file, actualSize } : { filename: file, actualSize, fullBackingFilename };
+    const snapshots = device instanceof Qcow2Image && device.header.nbSnapshots > 0 ? await device.snapshots.list() : undefined;
+    const options = { filename: file, actualSize, ...(fullBackingFilename === undefined ? {} : { fullBackingFilename }), ...(snapshots ? { snapshots } : {}) };
     return next ? { info: imageInfo(device, options), next } : { info: imageInfo(device, options) };
   } finally {
     await device.close();

@@ -42,10 +42,14 @@ const commands: Record<string, { usage: string; load: () => Promise<Command> }> 
     usage: "resize [-f fmt] [--preallocation=prealloc] [-q] [--shrink] filename [+ | -]size",
     load: async () => (await import("./resize.js")).resize,
   },
+  snapshot: {
+    usage: "snapshot [-U] [-q] [-l | -a snapshot | -c snapshot | -d snapshot] filename",
+    load: async () => (await import("./snapshot.js")).snapshot,
+  },
 };
 
 /** qemu-img commands still to come (snapshots and encryption arrive with their own issues). */
-const NOT_YET = new Set(["amend", "bench", "bitmap", "commit", "dd", "rebase", "snapshot"]);
+const NOT_YET = new Set(["amend", "bench", "bitmap", "commit", "dd", "rebase"]);
 
 function help(): string {
   return (

@@ -2,6 +2,7 @@
 
 import type { GuestDevice } from "../image/device.js";
 import { Qcow2Image } from "../image/qcow2-image.js";
+import type { SnapshotInfo } from "../image/snapshots.js";
 
 export interface QemuImageInfo {
   filename: string;
@@ -14,6 +15,7 @@ export interface QemuImageInfo {
   "backing-filename"?: string;
   "full-backing-filename"?: string;
   "backing-filename-format"?: string;
+  snapshots?: QemuSnapshotInfo[];
   "format-specific"?: { type: "qcow2"; data: Record<string, unknown> };
 }
 
@@ -24,6 +26,8 @@ export interface InfoOptions {
   actualSize?: number;
   /** Full (resolved) name of the backing file, where the platform can tell. */
   fullBackingFilename?: string;
+  /** The image's internal snapshots (qemu shows them when there are any). */
+  snapshots?: readonly SnapshotInfo[];
 }
 
 export function imageInfo(device: GuestDevice, options: InfoOptions = {}): QemuImageInfo {
@@ -44,6 +48,7 @@ export function imageInfo(device: GuestDevice, options: InfoOptions = {}): QemuI
     out["full-backing-filename"] = options.fullBackingFilename ?? info.backingFile;
     if (info.backingFormat !== undefined) out["backing-filename-format"] = info.backingFormat;
   }
+  if (options.snapshots && options.snapshots.length > 0) out.snapshots = options.snapshots.map(qemuSnapshotInfo);
   // qemu-img 7.2's order (its QDict's), which its human output follows too.
   const data: Record<string, unknown> = { compat: info.compat, "compression-type": info.compressionType };
   if (info.version === 3) data["lazy-refcounts"] = info.lazyRefcounts;
@@ -100,6 +105,9 @@ export function formatInfoHuman(info: QemuImageInfo): string {
     );
     if (info["backing-filename-format"] !== undefined) lines.push(`backing file format: ${info["backing-filename-format"]}`);
   }
+  let text = lines.join("\n") + "\n";
+  if (info.snapshots) text += formatSnapshotList(info.snapshots);
+  lines.length = 0;
   const data = info["format-specific"]?.data;
   if (data) {
     lines.push("Format specific information:");
@@ -112,5 +120,53 @@ export function formatInfoHuman(info: QemuImageInfo): string {
       lines.push(`    ${HUMAN_KEYS[key] ?? key}: ${String(value)}`);
     }
   }
-  return lines.join("\n") + "\n";
+  return lines.length > 0 ? text + lines.join("\n") + "\n" : text;
+}
+
+/** One snapshot as qemu-img info --output=json shows it (QAPI SnapshotInfo). */
+export interface QemuSnapshotInfo {
+  id: string;
+  name: string;
+  "vm-state-size": number;
+  "date-sec": number;
+  "date-nsec": number;
+  "vm-clock-sec": number;
+  "vm-clock-nsec": number;
+  icount?: number;
+}
+
+export function qemuSnapshotInfo(sn: SnapshotInfo): QemuSnapshotInfo {
+  const out: QemuSnapshotInfo = {
+    id: sn.id,
+    name: sn.name,
+    "vm-state-size": sn.vmStateSize,
+    "date-sec": sn.dateSec,
+    "date-nsec": sn.dateNsec,
+    "vm-clock-sec": Math.floor(sn.vmClockNsec / 1e9),
+    "vm-clock-nsec": sn.vmClockNsec % 1e9,
+  };
+  if (sn.icount !== undefined) out.icount = sn.icount;
+  return out;
+}
+
+const pad2 = (n: number): string => String(n).padStart(2, "0");
+
+/**
+ * qemu's bdrv_snapshot_dump: the header line of the table, or one snapshot's line (the date in
+ * local time, the VM clock as hh:mm:ss.mmm).
+ */
+export function snapshotLine(sn?: QemuSnapshotInfo): string {
+  if (!sn) return `${"ID".padEnd(10)}${"TAG".padEnd(17)}${"VM SIZE".padStart(8)}${"DATE".padStart(20)}${"VM CLOCK".padStart(13)}${"ICOUNT".padStart(11)}`;
+  const d = new Date(sn["date-sec"] * 1000);
+  const date = `${d.getFullYear()}-${pad2(d.getMonth() + 1)}-${pad2(d.getDate())} ${pad2(d.getHours())}:${pad2(d.getMinutes())}:${pad2(d.getSeconds())}`;
+  const secs = sn["vm-clock-sec"];
+  const clock = `${pad2(Math.floor(secs / 3600))}:${pad2(Math.floor(secs / 60) % 60)}:${pad2(secs % 60)}.${String(Math.floor(sn["vm-clock-nsec"] / 1e6) % 1000).padStart(3, "0")}`;
+  const icount = sn.icount === undefined ? "" : String(sn.icount);
+  return `${sn.id.padEnd(9)} ${sn.name.padEnd(16)} ${sizeToStr(sn["vm-state-size"]).padStart(8)}${date.padStart(20)}${clock.padStart(13)}${icount.padStart(11)}`;
+}
+
+/** qemu-img's "Snapshot list:" block (empty when there are none). */
+export function formatSnapshotList(snapshots: readonly QemuSnapshotInfo[]): string {
+  if (snapshots.length === 0) return "";
+  return ["Snapshot list:", snapshotLine(), ...snapshots.map((s) => snapshotLine(s))].join("\n") + "\n";
 }
