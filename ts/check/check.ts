@@ -8,7 +8,10 @@ import { readHeader, type Qcow2Header } from "../format/header.js";
 import { refuseFeatures } from "../image/features.js";
 import { resolveBackend } from "../io/resolve.js";
 import { qdictOrder } from "../ops/qemu-json.js";
-import type { WasmVariant } from "../wasm/core.js";
+import { WasmCore, type WasmVariant } from "../wasm/core.js";
+import { Refcounts } from "../image/refcounts.js";
+import { encodeSnapshotTable, type SnapshotEntry } from "../format/snapshots.js";
+import { writeRefcountTablePointer, writeSnapshotTablePointer } from "../format/header-update.js";
 import {
   CheckAborted,
   FIX_ERRORS,
@@ -64,7 +67,7 @@ async function checkPass(
   const h = header ?? (await readHeader(backend, undefined, { check: true }));
   refuseFeatures(h, backend.name);
   try {
-    const snapshots = await readSnapshotsForCheck(backend, h, counts, diag);
+    const snapshots = await readSnapshotsForCheck(backend, h, counts, diag, fix);
     await RefcountCheck.run(
       backend,
       h,
@@ -73,11 +76,51 @@ async function checkPass(
       { fix, diagnostic: diag, wasm: options.wasm, batchBytes: options.batchBytes },
       counts,
     );
+    // qemu's qcow2_check_fixup_snapshot_table: with the refcounts sound, write the table anew.
+    if (fix & FIX_ERRORS && snapshots.incomplete > 0 && counts.checkErrors === 0) {
+      await rewriteSnapshotTable(backend, h, snapshots.entries, snapshots.bytes, options.wasm);
+      counts.corruptionsFixed += snapshots.incomplete;
+      counts.corruptions -= snapshots.incomplete;
+    }
     if (fix) await markCleanAfterRepair(backend, h, counts);
     return { counts };
   } catch (err) {
     if (err instanceof CheckAborted) return { counts, failure: err.message };
     throw err;
+  }
+}
+
+/**
+ * Write the snapshot table again as qemu writes one (every entry with its full extra data), in new
+ * clusters, then point the header at it and free the old one. The refcounts must be sound.
+ */
+async function rewriteSnapshotTable(backend: BlockBackend, h: Qcow2Header, entries: SnapshotEntry[], oldBytes: number, wasm?: WasmVariant): Promise<void> {
+  const cs = 2 ** h.clusterBits;
+  const refcounts = await Refcounts.open({
+    backend,
+    core: await WasmCore.create(wasm),
+    clusterBits: h.clusterBits,
+    refcountOrder: h.refcountOrder,
+    tableOffset: h.refcountTableOffset,
+    tableClusters: h.refcountTableClusters,
+    cacheSize: 1 << 20,
+    writeTablePointer: (tableOffset, tableClusters) => writeRefcountTablePointer(backend, h, tableOffset, tableClusters),
+  });
+  const bytes = encodeSnapshotTable(entries, h.size);
+  const offset = bytes.length > 0 ? await refcounts.allocate(Math.ceil(bytes.length / cs)) : 0;
+  await refcounts.writeBack();
+  await backend.flush();
+  if (bytes.length > 0) {
+    await backend.write(bytes, offset);
+    await backend.flush();
+  }
+  const oldOffset = h.snapshotsOffset;
+  await writeSnapshotTablePointer(backend, h, entries.length, offset);
+  if (oldOffset !== 0 && oldBytes > 0) {
+    refcounts.releaseLater(oldOffset / cs, Math.ceil(oldBytes / cs));
+    await refcounts.applyDecrements();
+    await refcounts.writeBack();
+    await backend.flush();
   }
 }
 

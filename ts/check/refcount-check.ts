@@ -1002,25 +1002,28 @@ export async function readSnapshotsForCheck(
   h: Qcow2Header,
   counts: CheckCounts,
   diag: (line: string) => void,
-): Promise<{ entries: SnapshotEntry[]; bytes: number }> {
-  if (h.nbSnapshots === 0) return { entries: [], bytes: 0 };
+  fix = 0,
+): Promise<{ entries: SnapshotEntry[]; bytes: number; incomplete: number }> {
+  if (h.nbSnapshots === 0) return { entries: [], bytes: 0, incomplete: 0 };
   try {
     // A table past 2^53 reads as zeros: entries of 40 bytes, nothing in them.
     const table =
       h.farTables?.snapshots !== undefined
         ? await readSnapshotTable(new MemoryBackend(new Uint8Array(0)), 0, h.nbSnapshots, { lenient: true })
         : await readSnapshotTable(backend, h.snapshotsOffset, h.nbSnapshots, { lenient: true });
+    let incomplete = 0;
     if (h.version >= 3) {
-      // v3 entries must carry at least the VM state size and disk size as extra data. (Rewriting
-      // the table to add them, as qemu's repair does, needs the snapshot writer of issue 6.)
+      // v3 entries must carry at least the VM state size and disk size as extra data; a repair
+      // rewrites the table with them (rewriteSnapshotTable), after the refcounts are sound.
       table.entries.forEach((sn, i) => {
         if (sn.extraData.length < 16) {
-          diag(`ERROR snapshot table entry ${i} is incomplete`);
+          diag(`${fix & FIX_ERRORS ? "Repairing" : "ERROR"} snapshot table entry ${i} is incomplete`);
           counts.corruptions++;
+          incomplete++;
         }
       });
     }
-    return { entries: table.entries, bytes: table.tableBytes };
+    return { entries: table.entries, bytes: table.tableBytes, incomplete };
   } catch (err) {
     if (!(err instanceof Qcow2Error)) throw err;
     counts.checkErrors++;
