@@ -58,6 +58,14 @@ describeQemu("qcow2-img measure", () => {
     qemuIo(at("ours-pm.qcow2"), ["write -P 6 7M 4k"]);
     await create(["-q", "-f", "raw", at("ours.raw"), "5M"], quiet, quiet);
     await create(["-q", "-f", "raw", "-o", "preallocation=full", at("ours-full.raw"), "1M"], quiet, quiet);
+    // Snapshots of different contents and sizes.
+    qemuImg(["create", "-q", "-f", "qcow2", at("snaps.qcow2"), "16M"]);
+    qemuIo(at("snaps.qcow2"), ["write -P 1 0 3M"]);
+    qemuImg(["snapshot", "-c", "small", at("snaps.qcow2")]);
+    qemuImg(["resize", "-q", at("snaps.qcow2"), "64M"]);
+    qemuIo(at("snaps.qcow2"), ["write -P 2 40M 5M", "write -c -P 3 8M 1M"]);
+    qemuImg(["snapshot", "-c", "big", at("snaps.qcow2")]);
+    qemuIo(at("snaps.qcow2"), ["write -z 0 64M"]);
   });
 
   async function compare(args: string[]): Promise<void> {
@@ -159,6 +167,18 @@ describeQemu("qcow2-img measure", () => {
     "@ours-pm.qcow2 -O qcow2",
     "@ours.raw -O qcow2",
     "@ours-full.raw -O qcow2 --output=json",
+    // -l: a snapshot instead of the active disk.
+    "-l small @snaps.qcow2 -O qcow2",
+    "-l 1 @snaps.qcow2 -O qcow2 --output=json",
+    "-l snapshot.name=big @snaps.qcow2 -O qcow2",
+    "-l snapshot.id=2 @snaps.qcow2 -O raw",
+    "-l snapshot.id=1,snapshot.name=small @snaps.qcow2 -O qcow2 -o cluster_size=4k",
+    "-l snapshot.id=1,snapshot.name=big @snaps.qcow2 -O qcow2",
+    "-l nope @snaps.qcow2 -O qcow2",
+    "-l snapshot.foo=1 @snaps.qcow2 -O qcow2",
+    "-l small @sparse.raw -O qcow2",
+    "-l small --size 1G -O qcow2",
+    "@snaps.qcow2 -O qcow2",
   ];
 
   it.each(cases)("%s", async (line) => {

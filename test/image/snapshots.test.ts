@@ -217,6 +217,14 @@ describeQemu("internal snapshots", () => {
     await image.resize(3 << 20);
     await image.write(2 << 20, new Uint8Array(1000).fill(8));
     await image.snapshots.create("big");
+    // Read without applying: at the snapshot's size, or (as qemu-img convert -l) at the current one.
+    const view = await Qcow2Image.open(file, { snapshot: "small" });
+    expect(view.virtualSize).toBe(1 << 20);
+    await view.close();
+    const wide = await Qcow2Image.open(file, { snapshot: "small", snapshotAtCurrentSize: true });
+    expect(wide.virtualSize).toBe(3 << 20);
+    expect([(await wide.read(0, 1))[0], (await wide.read(2 << 20, 1))[0]]).toEqual([9, 0]);
+    await wide.close();
     await image.snapshots.apply("small");
     expect(image.virtualSize).toBe(1 << 20);
     expect((await image.read(0, 4))[0]).toBe(9);

@@ -14,7 +14,7 @@ import { MAX_BACKING_CHAIN_DEPTH, QCOW_MAGIC, QCOW_MAX_L1_SIZE } from "../format
 import { readHeader, type Qcow2Header } from "../format/header.js";
 import { readFully } from "../io/backend.js";
 import { NodeFileBackend } from "../io/node-file.js";
-import { Qcow2Image } from "../image/qcow2-image.js";
+import { Qcow2Image, type OpenOptions } from "../image/qcow2-image.js";
 import type { Preallocation } from "../image/create.js";
 import type { GuestDevice } from "../image/device.js";
 import { parseArgs, UsageError } from "./args.js";
@@ -515,9 +515,10 @@ async function probeBacking(full: string, format: string | undefined): Promise<{
  * be opened ("Could not open 'f': No such file or directory"), a qcow2 that is not one, and each
  * level of a broken chain ("Could not open backing file: ...").
  */
-export async function openImage(file: string, format: "qcow2" | "raw" | undefined): Promise<GuestDevice> {
+export async function openImage(file: string, format: "qcow2" | "raw" | undefined, options: Pick<OpenOptions, "snapshot" | "snapshotAtCurrentSize"> = {}): Promise<GuestDevice> {
   await checkChain(file, format, 0);
   return openDevice(file, format, {
+    ...options,
     resolveBacking: (backing, from) => NodeFileBackend.open(fullBackingPath(from, backing), { readOnly: true }),
   });
 }

@@ -14,6 +14,8 @@ import { readFully } from "../io/backend.js";
 import type { GuestDevice } from "../image/device.js";
 import { Qcow2Image } from "../image/qcow2-image.js";
 import { parseArgs } from "./args.js";
+import { parseSnapshotParam, type SnapshotParam } from "./snapshot-param.js";
+import { Qcow2ErrorCode, isQcow2Error } from "../errors.js";
 import {
   clusterSizeError,
   createOptionTable,
@@ -402,7 +404,12 @@ export async function measure(argv: string[], out: (text: string) => void, err: 
   if (filename === undefined && (fmtArg !== undefined || snapshot !== undefined)) return fail("--image-opts, -f, and -l require a filename argument.");
   if (filename !== undefined && size !== undefined) return fail("--size N cannot be used together with a filename.");
   if (filename === undefined && size === undefined) return fail("Either --size N or one filename must be specified.");
-  if (snapshot !== undefined) return fail("Option '-l' (measure a snapshot) is not supported yet");
+  let which: SnapshotParam | undefined;
+  if (snapshot !== undefined) {
+    const parsed = parseSnapshotParam(snapshot);
+    if ("error" in parsed) return fail(parsed.error);
+    which = parsed.which;
+  }
 
   let source: GuestDevice | undefined;
   if (filename !== undefined) {
@@ -410,6 +417,19 @@ export async function measure(argv: string[], out: (text: string) => void, err: 
       source = await openSource(filename, fmtArg);
     } catch (e) {
       return fail(`Could not open '${filename}': ${(e as Error).message}`);
+    }
+    if (which !== undefined) {
+      // qemu opens the image, then loads the snapshot in its place (bdrv_snapshot_load_tmp).
+      const isQcow2 = source instanceof Qcow2Image;
+      await source.close();
+      source = undefined;
+      if (!isQcow2) return fail("Failed to load snapshot: Block format 'raw' used by device '' does not support temporarily loading internal snapshots");
+      try {
+        source = await openImage(filename, "qcow2", { snapshot: which, snapshotAtCurrentSize: true });
+      } catch (e) {
+        if (isQcow2Error(e, Qcow2ErrorCode.NOT_FOUND)) return fail("Failed to load snapshot: Can't find snapshot");
+        return fail(`Failed to load snapshot: ${(e as Error).message}`);
+      }
     }
   }
   try {

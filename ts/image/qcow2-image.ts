@@ -65,6 +65,11 @@ export interface OpenOptions {
    * name (id first), or both to match.
    */
   snapshot?: string | { id?: string; name?: string };
+  /**
+   * With `snapshot`: keep the image's current virtual size rather than the snapshot's, as qemu-img
+   * convert -l and measure -l do (qemu swaps in the snapshot's L1 table and nothing else).
+   */
+  snapshotAtCurrentSize?: boolean;
 }
 
 /** @internal */
@@ -207,7 +212,7 @@ export class Qcow2Image implements GuestDevice {
 
       if (options.snapshot !== undefined) {
         if (!readOnly) throw new TypeError("open: a snapshot can only be opened read-only");
-        header = await snapshotView(backend, header, options.snapshot);
+        header = await snapshotView(backend, header, options.snapshot, options.snapshotAtCurrentSize ?? false);
       }
       const l1 = new L1Table(header.l1Size);
       await readFully(backend, l1.bytes, header.l1TableOffset);
@@ -1343,7 +1348,12 @@ function mergeable(a: Extent, b: Extent): boolean {
 }
 
 /** The header of `backend` as seen at an internal snapshot: its size, and its L1 table in place of the active one. */
-async function snapshotView(backend: BlockBackend, header: Qcow2Header, which: string | { id?: string; name?: string }): Promise<Qcow2Header> {
+async function snapshotView(
+  backend: BlockBackend,
+  header: Qcow2Header,
+  which: string | { id?: string; name?: string },
+  atCurrentSize: boolean,
+): Promise<Qcow2Header> {
   const table = await readSnapshotTable(backend, header.snapshotsOffset, header.nbSnapshots);
   const index = findSnapshot(table.entries, which);
   if (index < 0) {
@@ -1355,9 +1365,10 @@ async function snapshotView(backend: BlockBackend, header: Qcow2Header, which: s
   if (sn.l1TableOffset % cs !== 0 || sn.l1Size * 8 > 32 * 1024 * 1024 || (sn.l1Size > 0 && sn.l1TableOffset === 0)) {
     throw new Qcow2Error(Qcow2ErrorCode.CORRUPT, `${backend.name}: snapshot '${sn.name}': L1 table at ${hex(sn.l1TableOffset)} (${sn.l1Size} entries) is invalid`);
   }
-  const size = sn.diskSize ?? header.size;
+  const size = atCurrentSize ? header.size : (sn.diskSize ?? header.size);
   const span = cs * (cs / 8);
-  if (sn.l1Size < Math.ceil(size / span)) {
+  // (Past a shorter L1 table everything reads as unallocated, as in qemu.)
+  if (!atCurrentSize && sn.l1Size < Math.ceil(size / span)) {
     throw new Qcow2Error(Qcow2ErrorCode.CORRUPT, `${backend.name}: snapshot '${sn.name}': L1 table of ${sn.l1Size} entries cannot map a ${size}-byte disk`);
   }
   return { ...header, size, l1Size: sn.l1Size, l1TableOffset: sn.l1TableOffset };
