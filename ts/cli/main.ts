@@ -9,6 +9,11 @@ import type { Command } from "./main-types.js";
 
 // Each command's module is loaded only when it runs: starting the tool does no other work.
 const commands: Record<string, { usage: string; load: () => Promise<Command> }> = {
+  bench: {
+    usage:
+      "bench [-c count] [-d depth] [-f fmt] [--flush-interval=flush_interval] [-i aio] [-n] [--no-drain] [-o offset] [--pattern=pattern] [-q] [-s buffer_size] [-S step_size] [-t cache] [-w] [-U] filename",
+    load: async () => (await import("./bench.js")).bench,
+  },
   check: {
     usage: "check [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-T src_cache] [-U] filename",
     load: async () => (await import("./check.js")).check,
@@ -25,6 +30,10 @@ const commands: Record<string, { usage: string; load: () => Promise<Command> }> 
   create: {
     usage: "create [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] filename [size]",
     load: async () => (await import("./create.js")).create,
+  },
+  dd: {
+    usage: "dd [--image-opts] [-U] [-f fmt] [-O output_fmt] [bs=block_size] [count=blocks] [skip=blocks] if=input of=output",
+    load: async () => (await import("./dd.js")).dd,
   },
   info: {
     usage: "info [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename",
@@ -49,7 +58,7 @@ const commands: Record<string, { usage: string; load: () => Promise<Command> }> 
 };
 
 /** qemu-img commands still to come (snapshots and encryption arrive with their own issues). */
-const NOT_YET = new Set(["amend", "bench", "bitmap", "commit", "dd", "rebase"]);
+const NOT_YET = new Set(["amend", "bitmap", "commit", "rebase"]);
 
 function help(): string {
   return (

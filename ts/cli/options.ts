@@ -74,3 +74,46 @@ export function cvtnum(name: string, text: string, err: (t: string) => void): bi
   if (r.hexSuffix) err(`qcow2-img: warning: Using a multiplier suffix on hex numbers is deprecated: ${text}\n`);
   return r.value;
 }
+
+/**
+ * Where qemu_strtosz warns that a suffix on a hex number is deprecated: a hex number that parsed
+ * (even when the rest of the text is then refused) followed by a suffix that is not a hex digit.
+ */
+function warnsHexSuffix(text: string): boolean {
+  const m = /^[ \t\n\v\f\r]*\+?0[xX]([0-9a-fA-F]+)[kKmMgGtTpP]/.exec(text);
+  return m !== null && BigInt("0x" + m[1]!) <= UINT64_MAX;
+}
+
+/**
+ * qemu-img's cvtnum_full: a size between `min` and `max`, or undefined after qemu's error lines
+ * (the deprecation warning for a hex suffix comes first, as qemu prints it while parsing).
+ */
+export function cvtnumFull(name: string, text: string, min: bigint, max: bigint, err: (t: string) => void): bigint | undefined {
+  if (warnsHexSuffix(text)) err(`qcow2-img: warning: Using a multiplier suffix on hex numbers is deprecated: ${text}\n`);
+  const r = strtosz(text);
+  if (!r.ok && r.error === "invalid") {
+    err(`qcow2-img: Invalid ${name} specified. You may use k, M, G, T, P or E suffixes for\n`);
+    err("qcow2-img: kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.\n");
+    return undefined;
+  }
+  if (!r.ok || r.value > max || r.value < min) {
+    err(`qcow2-img: Invalid ${name} specified. Must be between ${min} and ${max}.\n`);
+    return undefined;
+  }
+  return r.value;
+}
+
+/**
+ * qemu_strtoul(text, NULL, 0, &res) as qemu-img reads counts: C's strtoul in base 0 (0x hex,
+ * leading 0 octal, leading white space, a sign, a negative number wrapping around 2^64), the
+ * whole text used; then at most `max`. Undefined where qemu refuses the value.
+ */
+export function strtoulMax(text: string, max: number): number | undefined {
+  const m = /^[ \t\n\v\f\r]*([+-]?)(?:0[xX]([0-9a-fA-F]+)|(0[0-7]*)|([1-9][0-9]*))$/.exec(text);
+  if (!m) return undefined;
+  const digits = m[2] !== undefined ? "0x" + m[2] : m[3] !== undefined ? (m[3].length > 1 ? "0o" + m[3].slice(1) : "0") : m[4]!;
+  let value = BigInt(digits);
+  if (value > UINT64_MAX) return undefined; // ERANGE
+  if (m[1] === "-") value = (UINT64_MAX + 1n - value) & UINT64_MAX;
+  return value <= BigInt(max) ? Number(value) : undefined;
+}
