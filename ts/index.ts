@@ -33,3 +33,5 @@ export {
   type RepairMode,
 } from "./check/check.js";
 export { convert, type ConvertOptions } from "./ops/convert.js";
+export { rebase, copyForRebase, RebaseError, type RebaseOptions, type RebaseCopyOptions, type RebaseStage } from "./ops/rebase.js";
+export { commit, type CommitOptions } from "./ops/commit.js";

@@ -18,6 +18,10 @@ const commands: Record<string, { usage: string; load: () => Promise<Command> }> 
     usage: "check [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-T src_cache] [-U] filename",
     load: async () => (await import("./check.js")).check,
   },
+  commit: {
+    usage: "commit [-q] [-f fmt] [-t cache] [-b base] [-r rate_limit] [-d] [-p] filename",
+    load: async () => (await import("./commit.js")).commit,
+  },
   compare: {
     usage: "compare [-f fmt] [-F fmt] [-T src_cache] [-p] [-q] [-s] [-U] filename1 filename2",
     load: async () => (await import("./compare.js")).compare,
@@ -47,6 +51,10 @@ const commands: Record<string, { usage: string; load: () => Promise<Command> }> 
     usage: "measure [--output=ofmt] [-O output_fmt] [-o options] [--size N | [-f fmt] filename]",
     load: async () => (await import("./measure.js")).measure,
   },
+  rebase: {
+    usage: "rebase [-U] [-q] [-f fmt] [-t cache] [-T src_cache] [-p] [-u] -b backing_file [-F backing_fmt] filename",
+    load: async () => (await import("./rebase.js")).rebase,
+  },
   resize: {
     usage: "resize [-f fmt] [--preallocation=prealloc] [-q] [--shrink] filename [+ | -]size",
     load: async () => (await import("./resize.js")).resize,
@@ -58,7 +66,7 @@ const commands: Record<string, { usage: string; load: () => Promise<Command> }> 
 };
 
 /** qemu-img commands still to come (snapshots and encryption arrive with their own issues). */
-const NOT_YET = new Set(["amend", "bitmap", "commit", "rebase"]);
+const NOT_YET = new Set(["amend", "bitmap"]);
 
 function help(): string {
   return (

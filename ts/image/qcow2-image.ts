@@ -1252,6 +1252,12 @@ export class Qcow2Image implements GuestDevice {
           await this.beginWrite();
           await this.dropBeyond(0);
           await this.map.writeBack(() => this.drainReads());
+          // As qemu's make_completely_empty shrinks the file: cut it after the last cluster in use.
+          const cs = this.clusterSize;
+          const fileSize = await this.backend.size();
+          let last = Math.ceil(fileSize / cs) - 1;
+          while (last > 0 && (await this.map.refcounts!.get(last)) === 0) last--;
+          if ((last + 1) * cs < fileSize) await this.backend.truncate((last + 1) * cs);
         });
       } finally {
         claim.release();
