@@ -51,7 +51,7 @@ describeQemu("qcow2-img check", () => {
   it("exit codes for what cannot be checked: raw (63), missing file and bad option (1)", () => {
     const raw = path.join(dir, "disk.raw");
     qemuImg(["create", "-f", "raw", raw, "1M"]);
-    for (const args of [["-f", "raw", raw], [raw], [path.join(dir, "missing.qcow2")], ["-r", "some", raw]]) {
+    for (const args of [["-f", "raw", raw], [raw], [path.join(dir, "missing.qcow2")], ["-r", "some", raw], ["-T", "bogus", raw], ["-T", "none", "-f", "raw", raw]]) {
       const ours = spawnSync(process.execPath, [CLI, "check", ...args], { encoding: "utf8" });
       const theirs = spawnSync("qemu-img", ["check", ...args], { encoding: "utf8" });
       expect(ours.status, args.join(" ")).toBe(theirs.status);

@@ -8,6 +8,7 @@ import { readFully } from "../io/backend.js";
 import { NodeFileBackend } from "../io/node-file.js";
 import { parseArgs, UsageError } from "./args.js";
 import { fullBackingPath, openDevice, parseFormat } from "./open.js";
+import { CACHE_MODES } from "./options.js";
 
 export const CHECK_USAGE = "check [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-T src_cache] [-U] filename";
 
@@ -28,6 +29,11 @@ export async function check(argv: string[], out: (text: string) => void, err: (t
   if (r !== undefined) {
     if (r !== "leaks" && r !== "all") throw new UsageError(`Unknown option value for -r (expecting 'leaks' or 'all'): ${r}`);
     repair = r;
+  }
+  const cache = args.values.get("-T") ?? "writeback";
+  if (!CACHE_MODES.has(cache)) {
+    err(`qcow2-img: Invalid source cache option: ${cache}\n`);
+    return 1;
   }
   const quiet = args.flags.has("-q");
   const file = args.positional[0]!;

@@ -13,9 +13,8 @@ import { UsageError } from "./args.js";
 import { describeImageOpenError, findBackingImage } from "./backing-chain.js";
 import { qemuGetopt, type LongOption } from "./getopt.js";
 import { describeOpenError, probeFormat, resolveFormat } from "./map.js";
-import { cvtnum } from "./options.js";
+import { CACHE_MODES, cvtnum } from "./options.js";
 import { QemuProgress } from "./qemu-progress.js";
-import { CACHE_MODES } from "./rebase.js";
 
 export const COMMIT_USAGE = "commit [-q] [-f fmt] [-t cache] [-b base] [-r rate_limit] [-d] [-p] filename";
 

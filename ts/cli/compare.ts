@@ -13,6 +13,7 @@ import type { Extent } from "../image/device.js";
 import { Qcow2Image } from "../image/qcow2-image.js";
 import { parseArgs, UsageError } from "./args.js";
 import { describeOpenError, ImageView } from "./map.js";
+import { CACHE_MODES } from "./options.js";
 
 export const COMPARE_USAGE = "compare [-f fmt] [-F fmt] [-T src_cache] [-p] [-q] [-s] [-U] filename1 filename2";
 
@@ -29,7 +30,6 @@ const SECTOR = 512;
 /** Pieces compared with one memcmp before looking for the sector that differs. */
 const SCAN_BLOCK = 64 * 1024;
 
-const CACHE_MODES = new Set(["none", "off", "writeback", "writethrough", "directsync", "unsafe"]);
 
 interface Status {
   flags: number;

@@ -117,3 +117,6 @@ export function strtoulMax(text: string, max: number): number | undefined {
   if (m[1] === "-") value = (UINT64_MAX + 1n - value) & UINT64_MAX;
   return value <= BigInt(max) ? Number(value) : undefined;
 }
+
+/** The cache modes bdrv_parse_cache_mode accepts (-t / -T); they choose nothing here. */
+export const CACHE_MODES: ReadonlySet<string> = new Set(["none", "off", "writeback", "writethrough", "directsync", "unsafe"]);

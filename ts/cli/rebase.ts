@@ -18,6 +18,7 @@ import { qemuGetopt, type LongOption } from "./getopt.js";
 import { describeOpenError, probeFormat, qemuBackingName, resolveFormat } from "./map.js";
 import { openDevice } from "./open.js";
 import { QemuProgress } from "./qemu-progress.js";
+import { CACHE_MODES } from "./options.js";
 
 export const REBASE_USAGE = "rebase [-U] [-q] [-f fmt] [-t cache] [-T src_cache] [-p] [-u] -b backing_file [-F backing_fmt] filename";
 
@@ -29,7 +30,6 @@ const LONG_OPTIONS: LongOption[] = [
 ];
 
 /** bdrv_parse_cache_mode's names. */
-export const CACHE_MODES = new Set(["none", "off", "writeback", "writethrough", "directsync", "unsafe"]);
 
 const PROBE_WARNING = (file: string): string =>
   `WARNING: Image format was not specified for '${file}' and probing guessed raw.\n` +
