@@ -9,6 +9,10 @@ import type { Command } from "./main-types.js";
 
 // Each command's module is loaded only when it runs: starting the tool does no other work.
 const commands: Record<string, { usage: string; load: () => Promise<Command> }> = {
+  amend: {
+    usage: "amend [--object objectdef] [--image-opts] [-p] [-q] [-f fmt] [-t cache] [--force] -o options filename",
+    load: async () => (await import("./amend.js")).amend,
+  },
   bench: {
     usage:
       "bench [-c count] [-d depth] [-f fmt] [--flush-interval=flush_interval] [-i aio] [-n] [--no-drain] [-o offset] [--pattern=pattern] [-q] [-s buffer_size] [-S step_size] [-t cache] [-w] [-U] filename",
@@ -66,7 +70,7 @@ const commands: Record<string, { usage: string; load: () => Promise<Command> }> 
 };
 
 /** qemu-img commands still to come (snapshots and encryption arrive with their own issues). */
-const NOT_YET = new Set(["amend", "bitmap"]);
+const NOT_YET = new Set(["bitmap"]);
 
 function help(): string {
   return (
