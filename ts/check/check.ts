@@ -117,7 +117,9 @@ async function rewriteSnapshotTable(backend: BlockBackend, h: Qcow2Header, entri
   const oldOffset = h.snapshotsOffset;
   await writeSnapshotTablePointer(backend, h, entries.length, offset);
   if (oldOffset !== 0 && oldBytes > 0) {
-    refcounts.releaseLater(oldOffset / cs, Math.ceil(oldBytes / cs));
+    // Only what the refcounts count: a damaged old table may lie where no refcount block reaches.
+    const first = oldOffset / cs;
+    for (let c = first; c < first + Math.ceil(oldBytes / cs); c++) if ((await refcounts.get(c)) > 0) refcounts.releaseLater(c, 1);
     await refcounts.applyDecrements();
     await refcounts.writeBack();
     await backend.flush();

@@ -148,7 +148,7 @@ export class Refcounts {
     for (let c = first; c < first + count; ) {
       const ti = Math.floor(c / e);
       const blockOffset = this.blockOffset(ti);
-      if (blockOffset === 0) throw new Error(`refcounts: no block for cluster ${c}`);
+      if (blockOffset === 0) throw new Qcow2Error(Qcow2ErrorCode.CORRUPT, `refcounts: no refcount block covers cluster ${c}`);
       const ptr = await this.blocks.get(blockOffset);
       const end = Math.min(first + count, (ti + 1) * e);
       const x = this.core.exports;
