@@ -4,3 +4,4 @@ export { l2Lookup } from "./l2";
 export { firstNonZero, isZero, blockRun, copyBytes, fillBytes } from "./copy";
 export { refcountGet, refcountSet, refcountFindZero, refcountZeroRun } from "./refcount";
 export { checkScanL2, checkAddRange, checkFirstDiff, checkLastNonZero, checkFindNonZero, checkCopiedScan } from "./check";
+export { aesExpandKey, aesCbcEncrypt, aesCbcDecrypt, aesXtsEncrypt, aesXtsDecrypt } from "./aes";

@@ -36,6 +36,8 @@ export const Qcow2ErrorCode = {
   NOT_FOUND: "NOT_FOUND",
   /** An id or name that must be unique is taken. */
   ALREADY_EXISTS: "ALREADY_EXISTS",
+  /** No LUKS key slot opens with the passphrase given. */
+  BAD_PASSPHRASE: "BAD_PASSPHRASE",
 } as const;
 
 export type Qcow2ErrorCode = (typeof Qcow2ErrorCode)[keyof typeof Qcow2ErrorCode];

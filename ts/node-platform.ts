@@ -12,4 +12,7 @@ registerPlatform({
     path.isAbsolute(backingFile) ? backingFile : path.join(path.dirname(imageName), backingFile),
   createInflater: () => new NodeZlibInflater(),
   createDeflater: () => new NodeZlibDeflater(),
+  createLuksCrypto: async () => (await import("./codecs/luks-node.js")).nodeLuksCrypto(),
+  // OpenSSL through node:crypto: several times the WASM build (bench/crypto.mjs).
+  createSectorCipher: async (algorithm, key) => new (await import("./codecs/node-crypto.js")).NodeSectorCipher(algorithm, key),
 });

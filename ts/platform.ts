@@ -4,6 +4,8 @@
 import type { ClusterDeflater, ClusterInflater } from "./codecs/deflate.js";
 import { PakoDeflater, PakoInflater } from "./codecs/deflate.js";
 import type { BlockBackend } from "./io/backend.js";
+import type { LuksCrypto } from "./format/luks.js";
+import type { SectorCipherFactory } from "./codecs/sector-cipher.js";
 
 export interface FileOpenOptions {
   readOnly: boolean;
@@ -20,11 +22,19 @@ export interface Platform {
   createInflater: () => ClusterInflater;
   /** A fresh deflater for compressed writes. */
   createDeflater: () => ClusterDeflater;
+  /** Hashes, PBKDF2 and randomness for LUKS (asked for when a LUKS area is unlocked or created). */
+  createLuksCrypto: () => LuksCrypto | Promise<LuksCrypto>;
+  /** A sector cipher (legacy AES, LUKS payload) for a key, asked for when an encrypted image is opened. */
+  createSectorCipher: SectorCipherFactory;
 }
 
 export const platform: Platform = {
   createInflater: () => new PakoInflater(),
   createDeflater: () => new PakoDeflater(),
+  // WebCrypto works in browsers (secure contexts) and Node alike; Node registers node:crypto.
+  createLuksCrypto: async () => (await import("./codecs/luks-webcrypto.js")).webCryptoLuks(),
+  // Bitsliced AES in WebAssembly: portable and constant-time.
+  createSectorCipher: async (algorithm, key) => (await import("./codecs/aes-wasm.js")).WasmSectorCipher.create(algorithm, key),
 };
 
 export function registerPlatform(overrides: Partial<Platform>): void {

@@ -9,13 +9,15 @@ import { NodeFileBackend } from "../io/node-file.js";
 import { parseArgs, UsageError } from "./args.js";
 import { fullBackingPath, openDevice, parseFormat } from "./open.js";
 import { CACHE_MODES } from "./options.js";
+import { imageSource, OptionsError, requireSecret, type ImageSource } from "./image-opts.js";
+import { openEncryption } from "../image/encryption.js";
 
 export const CHECK_USAGE = "check [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-T src_cache] [-U] filename";
 
 export async function check(argv: string[], out: (text: string) => void, err: (text: string) => void): Promise<number> {
   const args = parseArgs(argv, {
-    withValue: ["-f", "--output", "-r", "-T", "--object", "--image-opts"],
-    flags: ["-q", "-U", "--force-share", "-h", "--help"],
+    withValue: ["-f", "--output", "-r", "-T", "--object"],
+    flags: ["-q", "-U", "--force-share", "--image-opts", "-h", "--help"],
   });
   if (args.flags.has("-h") || args.flags.has("--help")) {
     out(`usage: qcow2-img ${CHECK_USAGE}\n`);
@@ -36,12 +38,24 @@ export async function check(argv: string[], out: (text: string) => void, err: (t
     return 1;
   }
   const quiet = args.flags.has("-q");
-  const file = args.positional[0]!;
   const fmtArg = args.values.get("-f");
+  let source: ImageSource;
+  try {
+    source = await imageSource(args.positional[0]!, {
+      objects: args.all.get("--object") ?? [],
+      imageOpts: args.flags.has("--image-opts"),
+      format: fmtArg === undefined ? undefined : parseFormat(fmtArg),
+    });
+  } catch (e) {
+    if (!(e instanceof OptionsError)) throw e;
+    err(`qcow2-img: ${e.message}\n`);
+    return 1;
+  }
+  const file = source.file;
   // Open as qemu-img does for a check: probe the format, read the header leniently (as qemu's
   // BDRV_O_CHECK), open the backing chain; what qemu refuses to open, we refuse.
   try {
-    const format = fmtArg === undefined ? undefined : parseFormat(fmtArg);
+    const format = source.format;
     const backend = await NodeFileBackend.open(file, { readOnly: true });
     try {
       const magic = new Uint8Array(4);
@@ -53,6 +67,9 @@ export async function check(argv: string[], out: (text: string) => void, err: (t
       }
       const header = await readHeader(backend, undefined, { check: true });
       refuseFeatures(header, file);
+      requireSecret(source, header.cryptMethod);
+      // A LUKS secret must open a key slot, as qemu's open checks.
+      if (source.passphrase !== undefined && header.cryptMethod !== 0) (await openEncryption(backend, header, source.passphrase)).cipher.destroy();
       if (header.backingFile !== undefined && header.backingFile !== "") {
         const backingFormat = header.extensions.backingFormat;
         const backingPath = fullBackingPath(file, header.backingFile);
@@ -67,10 +84,10 @@ export async function check(argv: string[], out: (text: string) => void, err: (t
       await backend.close();
     }
   } catch (e) {
-    err(`qcow2-img: Could not open '${file}': ${(e as Error).message}\n`);
+    err(e instanceof OptionsError ? `qcow2-img: ${e.message}\n` : `qcow2-img: Could not open '${source.name}': ${(e as Error).message}\n`);
     return 1;
   }
-  const report = await checkImage(file, { repair, onDiagnostic: (line) => err(line + "\n") });
+  const report = await checkImage(file, { repair, filename: source.name, onDiagnostic: (line) => err(line + "\n") });
   if (report.failure === undefined && !quiet) out(output === "json" ? formatCheckJson(report) : formatCheckHuman(report));
   const code = checkExitCode(report);
   if (code === 1) err(report.failure !== undefined ? `qcow2-img: Check failed: ${report.failure}\n` : "qcow2-img: Check failed\n");

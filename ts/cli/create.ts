@@ -15,6 +15,8 @@ import { readHeader, type Qcow2Header } from "../format/header.js";
 import { readFully } from "../io/backend.js";
 import { NodeFileBackend } from "../io/node-file.js";
 import { Qcow2Image, type OpenOptions } from "../image/qcow2-image.js";
+import type { CreateEncryption } from "../image/create.js";
+import { OptionsError, parseObjects } from "./image-opts.js";
 import type { Preallocation } from "../image/create.js";
 import type { GuestDevice } from "../image/device.js";
 import { parseArgs, UsageError } from "./args.js";
@@ -271,9 +273,9 @@ export function formatOptions(options: OptionSet, table: OptionDesc[]): string {
 /** The options this project cannot honour yet, refused by name rather than ignored. */
 export function unsupportedOption(options: OptionSet): string | undefined {
   for (const [name, opt] of options) {
-    if (name.startsWith("encrypt.")) return name;
+    if (name === "encrypt.ivgen-hash-alg") return name;
     if (name === "data_file") return name;
-    if ((name === "encryption" || name === "extended_l2" || name === "nocow") && opt.value === true) return `${name}=on`;
+    if ((name === "extended_l2" || name === "nocow") && opt.value === true) return `${name}=on`;
     if (name === "compression_type" && opt.text === "zstd") return `${name}=zstd`;
   }
   return undefined;
@@ -359,7 +361,7 @@ export function reportLines(message: string): string {
 }
 
 export async function create(argv: string[], out: (text: string) => void, err: (text: string) => void): Promise<number> {
-  const args = parseArgs(argv, { withValue: ["-f", "-o", "-b", "-F"], flags: ["-q", "-u", "-h", "--help"] });
+  const args = parseArgs(argv, { withValue: ["-f", "-o", "-b", "-F", "--object"], flags: ["-q", "-u", "-h", "--help"] });
   if (args.flags.has("-h") || args.flags.has("--help")) {
     out(`usage: qcow2-img ${CREATE_USAGE}\n`);
     return 0;
@@ -388,6 +390,14 @@ export async function create(argv: string[], out: (text: string) => void, err: (
     return 0;
   }
   if (filename === undefined) throw new UsageError("Expecting image file name");
+  let secrets: Map<string, Uint8Array>;
+  try {
+    secrets = await parseObjects(args.all.get("--object") ?? []);
+  } catch (e) {
+    if (!(e instanceof OptionsError)) throw e;
+    err(`qcow2-img: ${e.message}\n`);
+    return 1;
+  }
 
   let imgSize: bigint | undefined;
   if (args.positional.length > 1) {
@@ -411,6 +421,7 @@ export async function create(argv: string[], out: (text: string) => void, err: (
       unsafe: args.flags.has("-u"),
       quiet: args.flags.has("-q"),
       out,
+      secrets,
     });
   } catch (e) {
     if (e instanceof CreateFailure || e instanceof OptionError) {
@@ -432,6 +443,8 @@ interface ImgCreateRequest {
   unsafe: boolean;
   quiet: boolean;
   out: (text: string) => void;
+  /** Secrets from --object, by id. */
+  secrets: Map<string, Uint8Array>;
 }
 
 /** block.c bdrv_img_create. */
@@ -490,7 +503,7 @@ async function imgCreate(r: ImgCreateRequest): Promise<void> {
   if (!r.quiet) r.out(`Formatting '${r.filename}', fmt=${fmt} ${formatOptions(opts, table)}\n`);
 
   if (fmt === "raw") await createRaw(r.filename, opts);
-  else await createQcow2(r.filename, opts);
+  else await createQcow2(r.filename, opts, r.secrets);
 }
 
 /** Open the backing file as qemu does for its size (and to detect its format). */
@@ -636,7 +649,7 @@ export function clusterSizeError(clusterSize: bigint, extendedL2: boolean): stri
 }
 
 /** block/qcow2.c qcow2_co_create_opts + qcow2_co_create: the file first, the checks, then the image. */
-async function createQcow2(filename: string, opts: OptionSet): Promise<void> {
+async function createQcow2(filename: string, opts: OptionSet, secrets: Map<string, Uint8Array>): Promise<void> {
   checkExtentSizeHint(opts);
   try {
     const fd = await fs.promises.open(filename, fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_TRUNC, 0o644);
@@ -645,7 +658,7 @@ async function createQcow2(filename: string, opts: OptionSet): Promise<void> {
     throw new CreateFailure(`Could not create '${filename}': ${strerror(e)}`);
   }
   try {
-    await formatQcow2(filename, opts);
+    await formatQcow2(filename, opts, secrets);
   } catch (e) {
     // Like qemu, a failed creation leaves no file behind.
     await fs.promises.rm(filename, { force: true }).catch(() => undefined);
@@ -657,7 +670,7 @@ async function createQcow2(filename: string, opts: OptionSet): Promise<void> {
  * The qcow2 creation settings an option set asks for, checked as qemu checks them (its messages);
  * `size` in bytes, rounded up to 512. convert's -o goes through here too.
  */
-export function qcow2Settings(opts: OptionSet): { size: number; options: Omit<CreateOptions, "size"> } {
+export function qcow2Settings(opts: OptionSet, secrets: Map<string, Uint8Array> = new Map()): { size: number; options: Omit<CreateOptions, "size"> } {
   const { version, preallocation, refcountBits } = qcow2Visit(opts);
   const requested = opts.get("size")!.value as bigint;
   if (requested > INT64_MAX) throw new CreateFailure("Could not resize image: Image size cannot be negative");
@@ -692,6 +705,8 @@ export function qcow2Settings(opts: OptionSet): { size: number; options: Omit<Cr
     throw new CreateFailure("The image size is too large for file format 'qcow2' (try using a larger cluster size)");
   }
   if (size > BigInt(Number.MAX_SAFE_INTEGER)) throw new CreateFailure(`Option 'size' above 2^53 (${size}) is not supported yet`);
+  const encryption = encryptionSettings(opts, secrets);
+  if (encryption && preallocation !== "off") throw new CreateFailure(`Option 'preallocation=${preallocation}' with encryption is not supported yet`);
 
   return {
     size: Number(size),
@@ -703,12 +718,52 @@ export function qcow2Settings(opts: OptionSet): { size: number; options: Omit<Cr
       preallocation,
       ...(backingFile !== undefined ? { backingFile } : {}),
       ...(backingFormat !== undefined ? { backingFormat } : {}),
+      ...(encryption ? { encryption } : {}),
     },
   };
 }
 
-async function formatQcow2(filename: string, opts: OptionSet): Promise<void> {
-  const { size, options } = qcow2Settings(opts);
+/** qcow2_co_create_opts' encryption options (-o encrypt.format=…,encrypt.key-secret=…, encryption=on). */
+function encryptionSettings(opts: OptionSet, secrets: Map<string, Uint8Array>): CreateEncryption | undefined {
+  let format = opts.get("encrypt.format")?.text;
+  if (format === undefined && opts.get("encryption")?.value === true) format = "aes";
+  const keySecret = opts.get("encrypt.key-secret")?.text;
+  const luksOnly = ["encrypt.cipher-alg", "encrypt.cipher-mode", "encrypt.ivgen-alg", "encrypt.hash-alg", "encrypt.iter-time"];
+  if (format === undefined) {
+    if (keySecret !== undefined || luksOnly.some((k) => opts.has(k))) throw new CreateFailure("Parameter 'encrypt.format' is missing");
+    return undefined;
+  }
+  if (format !== "aes" && format !== "luks") throw new CreateFailure(`Parameter 'format' does not accept value '${format}'`);
+  if (keySecret === undefined) throw new CreateFailure("Parameter 'encrypt.key-secret' is required for cipher");
+  const passphrase = secrets.get(keySecret);
+  if (passphrase === undefined) throw new CreateFailure(`No secret with id '${keySecret}'`);
+  const out: CreateEncryption = { format, passphrase };
+  if (format === "aes") {
+    const extra = luksOnly.find((k) => opts.has(k));
+    if (extra !== undefined) throw new CreateFailure(`Parameter '${extra.slice("encrypt.".length)}' is unexpected`);
+    return out;
+  }
+  const pick = <T extends string>(key: string, allowed: readonly T[]): T | undefined => {
+    const v = opts.get(key)?.text;
+    if (v === undefined) return undefined;
+    if (!(allowed as readonly string[]).includes(v)) throw new CreateFailure(`Option '${key}=${v}' is not supported yet (${allowed.join(", ")})`);
+    return v as T;
+  };
+  const cipherAlg = pick("encrypt.cipher-alg", ["aes-128", "aes-256"] as const);
+  const cipherMode = pick("encrypt.cipher-mode", ["xts", "cbc"] as const);
+  const ivgenAlg = pick("encrypt.ivgen-alg", ["plain64"] as const);
+  const hashAlg = pick("encrypt.hash-alg", ["sha1", "sha256", "sha384", "sha512"] as const);
+  const iterTime = opts.get("encrypt.iter-time")?.value as bigint | undefined;
+  if (cipherAlg) out.cipherAlg = cipherAlg;
+  if (cipherMode) out.cipherMode = cipherMode;
+  if (ivgenAlg) out.ivgenAlg = ivgenAlg;
+  if (hashAlg) out.hashAlg = hashAlg;
+  if (iterTime !== undefined) out.iterTime = Number(iterTime);
+  return out;
+}
+
+async function formatQcow2(filename: string, opts: OptionSet, secrets: Map<string, Uint8Array>): Promise<void> {
+  const { size, options } = qcow2Settings(opts, secrets);
   const backend = await NodeFileBackend.open(filename, { readOnly: false, create: true });
   try {
     const image = await Qcow2Image.create(backend, { size, ...options, backing: "none" });

@@ -15,6 +15,7 @@ import { Qcow2Image } from "../image/qcow2-image.js";
 import { formatMapHumanRow, MAP_HUMAN_HEADER, mapEntries, mapEntryJson, type MapEntry } from "../ops/map.js";
 import { parseArgs, UsageError } from "./args.js";
 import { openDevice } from "./open.js";
+import { imageSource, OptionsError, requireSecret, type ImageSource } from "./image-opts.js";
 import { cvtnum } from "./options.js";
 
 export const MAP_USAGE = "map [-f fmt] [--output=ofmt] [--start-offset=offset] [--max-length=len] [-U] filename";
@@ -185,6 +186,8 @@ export function qemuBackingName(imageName: string, backingFile: string): string 
 export interface ImageViewOptions {
   /** Find the holes of raw files (map and strict compare); otherwise a raw file is all data. */
   rawHoles: boolean;
+  /** The passphrase of an encrypted image. */
+  passphrase?: Uint8Array;
 }
 
 /**
@@ -199,7 +202,7 @@ export class ImageView implements GuestDevice {
   readonly layers: GuestDevice[];
   /** qemu's file name of each layer, as map prints it. */
   readonly fileNames: string[];
-  private readonly top: GuestDevice;
+  readonly top: GuestDevice;
   private readonly rawExtents = new Map<number, Promise<RawExtents>>();
   private readonly options: ImageViewOptions;
 
@@ -220,7 +223,7 @@ export class ImageView implements GuestDevice {
   static async open(file: string, format: string | undefined, options: ImageViewOptions): Promise<ImageView> {
     const fmt = resolveFormat(format);
     await (await openRegular(file, false)).close();
-    const device = await openDevice(file, fmt);
+    const device = await openDevice(file, fmt, options.passphrase !== undefined ? { passphrase: options.passphrase } : {});
     return new ImageView(file, device, options);
   }
 
@@ -233,6 +236,9 @@ export class ImageView implements GuestDevice {
     if (this.top instanceof RawDevice) return this.rawStatus(0, guestOffset, length);
     const e = await this.top.blockStatus(guestOffset, length);
     if (e.kind === "backing" && this.layers[e.depth] instanceof RawDevice) return this.rawStatus(e.depth, e.start, e.length);
+    // qemu gives no host offset for encrypted data: the file holds ciphertext there.
+    const layer = this.layers[e.depth];
+    if (layer instanceof Qcow2Image && layer.header.cryptMethod !== 0 && e.kind === "data") delete e.hostOffset;
     return e;
   }
 
@@ -275,8 +281,8 @@ function buffered(out: (text: string) => void): { write(text: string): void; flu
 
 export async function map(argv: string[], out: (text: string) => void, err: (text: string) => void): Promise<number> {
   const args = parseArgs(argv, {
-    withValue: ["-f", "--output", "--start-offset", "--max-length"],
-    flags: ["-U", "--force-share", "-h", "--help"],
+    withValue: ["-f", "--output", "--start-offset", "--max-length", "--object"],
+    flags: ["-U", "--force-share", "--image-opts", "-h", "--help"],
   });
   if (args.flags.has("-h") || args.flags.has("--help")) {
     out(`usage: qcow2-img ${MAP_USAGE}\n`);
@@ -303,11 +309,26 @@ export async function map(argv: string[], out: (text: string) => void, err: (tex
     err("qcow2-img: --output must be used with human or json as argument.\n");
     return 1;
   }
+  let source: ImageSource;
+  try {
+    source = await imageSource(file, {
+      objects: args.all.get("--object") ?? [],
+      imageOpts: args.flags.has("--image-opts"),
+      format: undefined,
+    });
+    if (args.flags.has("--image-opts") && args.values.get("-f") !== undefined) throw new OptionsError("--image-opts and --format are mutually exclusive");
+  } catch (e) {
+    if (!(e instanceof OptionsError)) throw e;
+    err(`qcow2-img: ${e.message}\n`);
+    return 1;
+  }
   let view: ImageView;
   try {
-    view = await ImageView.open(file, args.values.get("-f"), { rawHoles: true });
+    view = await ImageView.open(source.file, source.format ?? args.values.get("-f"), { rawHoles: true, ...(source.passphrase ? { passphrase: source.passphrase } : {}) });
+    if (view.top instanceof Qcow2Image) requireSecret(source, view.top.header.cryptMethod);
   } catch (e) {
-    err(`qcow2-img: ${describeOpenError(file, e)}\n`);
+    if (view! !== undefined) await view.close();
+    err(e instanceof OptionsError ? `qcow2-img: ${e.message}\n` : `qcow2-img: ${describeOpenError(source.name, e)}\n`);
     return 1;
   }
   const sink = buffered(out);
@@ -345,7 +366,7 @@ export async function map(argv: string[], out: (text: string) => void, err: (tex
             err("qcow2-img: File contains external, encrypted or compressed clusters.\n");
             return 1;
           }
-          if (e.data && !e.zero) sink.write(formatMapHumanRow(e, view.fileNames[e.depth] ?? file));
+          if (e.data && !e.zero) sink.write(formatMapHumanRow(e, view.fileNames[e.depth] ?? source.file));
         }
         first = false;
       }

@@ -7,6 +7,8 @@ import { Qcow2Error, Qcow2ErrorCode } from "../errors.js";
 import type { BlockBackend } from "../io/backend.js";
 import {
   COMPAT_LAZY_REFCOUNTS,
+  CRYPT_AES,
+  CRYPT_NONE,
   DEFAULT_CLUSTER_SIZE,
   MAX_BACKING_FILE_SIZE,
   MAX_CLUSTER_BITS,
@@ -39,6 +41,26 @@ export interface CreateOptions {
    * (no portable fallocate: the space is reserved by writing it). Not with a backing file.
    */
   preallocation?: Preallocation;
+  /**
+   * Encrypt the image's data: "luks" (qemu's encrypt.format=luks: aes-256-xts-plain64, PBKDF2 key
+   * slots) or "aes" (the legacy qcow2 AES-128-CBC, which qemu only keeps for old images).
+   */
+  encryption?: CreateEncryption;
+}
+
+export interface CreateEncryption {
+  format: "aes" | "luks";
+  passphrase: string | Uint8Array;
+  /** LUKS: "aes-128" or "aes-256" (default). */
+  cipherAlg?: "aes-128" | "aes-256";
+  /** LUKS: "xts" (default) or "cbc". */
+  cipherMode?: "xts" | "cbc";
+  /** LUKS: "plain64" only. */
+  ivgenAlg?: "plain64";
+  /** LUKS: PBKDF2 hash, default "sha256". */
+  hashAlg?: "sha1" | "sha256" | "sha384" | "sha512";
+  /** LUKS: milliseconds of PBKDF2 per key slot (qemu's encrypt.iter-time, default 2000). */
+  iterTime?: number;
 }
 
 export interface ResolvedCreateOptions {
@@ -50,6 +72,7 @@ export interface ResolvedCreateOptions {
   backingFile?: string;
   backingFormat?: string;
   preallocation: Preallocation;
+  encryption?: CreateEncryption;
 }
 
 function bad(message: string): Qcow2Error {
@@ -102,7 +125,17 @@ export function resolveCreateOptions(o: CreateOptions): ResolvedCreateOptions {
       `The image size is too large for file format qcow2 (try using a larger cluster size): size ${size} needs an L1 table over the ${QCOW_MAX_L1_SIZE >> 20} MiB limit with ${clusterSize}-byte clusters`,
     );
   }
+  if (o.encryption !== undefined) {
+    if (o.encryption.format !== "aes" && o.encryption.format !== "luks") {
+      throw bad(`encryption format ${JSON.stringify(o.encryption.format)} is not "aes" or "luks"`);
+    }
+    if (preallocation !== "off") {
+      // Preallocated clusters would hold plaintext zeros that decrypt to garbage.
+      throw new Qcow2Error(Qcow2ErrorCode.NOT_SUPPORTED, `preallocation=${preallocation} with encryption is not supported`);
+    }
+  }
   const resolved: ResolvedCreateOptions = { size, version, clusterBits, refcountOrder, lazyRefcounts, preallocation };
+  if (o.encryption !== undefined) resolved.encryption = o.encryption;
   if (o.backingFile !== undefined) resolved.backingFile = o.backingFile;
   if (o.backingFormat !== undefined) resolved.backingFormat = o.backingFormat;
   return resolved;
@@ -139,7 +172,8 @@ export async function formatImage(backend: BlockBackend, o: ResolvedCreateOption
     backingFileSize: 0,
     clusterBits: o.clusterBits,
     size: o.size,
-    cryptMethod: 0,
+    // LUKS is switched on once its key slots are written (Qcow2Image.create); AES needs nothing more.
+    cryptMethod: o.encryption?.format === "aes" ? CRYPT_AES : CRYPT_NONE,
     l1Size,
     l1TableOffset: l1Offset,
     refcountTableOffset: tableOffset,

@@ -9,8 +9,12 @@ export function refuseWrites(header: Qcow2Header, name: string): void {
   if (header.incompatibleFeatures & BigInt(INCOMPAT_CORRUPT)) {
     throw new Qcow2Error(Qcow2ErrorCode.CORRUPT, `${name}: the image is marked corrupt; it can only be opened read-only (repair it with check)`);
   }
+}
+
+/** For operations that rewrite data outside the encrypted data path (amend): not on encrypted images yet. */
+export function refuseEncrypted(header: Qcow2Header, name: string): void {
   if (header.cryptMethod !== CRYPT_NONE) {
-    throw new Qcow2Error(Qcow2ErrorCode.ENCRYPTED, `${name}: writing encrypted images is not supported yet`);
+    throw new Qcow2Error(Qcow2ErrorCode.ENCRYPTED, `${name}: amending encrypted images is not supported yet`);
   }
 }
 

@@ -21,12 +21,15 @@ import { featureBits, featureName, readHeader, type Qcow2Header } from "../forma
 import { L1Table } from "../format/l1.js";
 import { ClusterMap, type Run } from "./cluster-map.js";
 import { Refcounts } from "./refcounts.js";
-import { formatImage, resolveCreateOptions, type CreateOptions, type Preallocation } from "./create.js";
+import { formatImage, resolveCreateOptions, type CreateEncryption, type CreateOptions, type Preallocation } from "./create.js";
+import { createLuks } from "../format/luks.js";
+import { encodeHeader } from "../format/header-write.js";
 import { repairDirtyImage } from "../check/check.js";
 import { refuseFeatures, refuseWrites } from "./features.js";
 import { MetadataClusters } from "./overlap.js";
 import { readSnapshotTable } from "../format/snapshots.js";
 import { findSnapshot, Snapshots, type SnapshotHost } from "./snapshots.js";
+import { openEncryption, type DataEncryption } from "./encryption.js";
 import { resolveBackend } from "../io/resolve.js";
 import { writeAutoclear, writeIncompatible, writeRefcountTablePointer, writeSize, writeSizeAndL1 } from "../format/header-update.js";
 import { writeBackingFile } from "../format/header-backing.js";
@@ -70,6 +73,13 @@ export interface OpenOptions {
    * convert -l and measure -l do (qemu swaps in the snapshot's L1 table and nothing else).
    */
   snapshotAtCurrentSize?: boolean;
+  /**
+   * The passphrase of an encrypted image (legacy AES or LUKS; qemu's secret). Without it an
+   * encrypted image still opens, for its header facts, but its data can be neither read nor
+   * written. A wrong LUKS passphrase fails the open (BAD_PASSPHRASE); a wrong legacy AES one cannot
+   * be detected by the format and reads as garbage.
+   */
+  passphrase?: string | Uint8Array;
 }
 
 /** @internal */
@@ -131,6 +141,8 @@ export interface WriteZeroesOptions {
 
 const DEFAULT_L2_CACHE_SIZE = 32 * 1024 * 1024;
 const DEFAULT_REFCOUNT_CACHE_SIZE = 4 * 1024 * 1024;
+/** Encryption works on 512-byte sectors. */
+const SECTOR = 512;
 /** Zero-writes and COW fills go out in pieces of at most this many bytes. */
 const ZERO_CHUNK = 1 << 20;
 
@@ -179,6 +191,8 @@ export class Qcow2Image implements GuestDevice {
   private metadata: MetadataClusters | undefined;
   private snapshotTableBytes = 0;
   private snapshotsApi: Snapshots | undefined;
+  /** The data path's cipher, when the image is encrypted and its passphrase was given. */
+  private crypt: DataEncryption | undefined;
 
   private constructor(backend: BlockBackend, header: Qcow2Header, map: ClusterMap, backing: GuestDevice | undefined, fileSize: number) {
     this.backend = backend;
@@ -250,7 +264,11 @@ export class Qcow2Image implements GuestDevice {
           l2CacheSize: options.l2CacheSize ?? DEFAULT_L2_CACHE_SIZE,
           ...(refcounts ? { refcounts } : {}),
         });
-        return new Qcow2Image(backend, header, map, backing, fileSize);
+        const image = new Qcow2Image(backend, header, map, backing, fileSize);
+        if (header.cryptMethod !== CRYPT_NONE && options.passphrase !== undefined) {
+          image.crypt = await openEncryption(backend, header, options.passphrase);
+        }
+        return image;
       } catch (err) {
         await backing?.close();
         throw err;
@@ -290,14 +308,63 @@ export class Qcow2Image implements GuestDevice {
       await backend.close().catch(() => undefined);
       throw err;
     }
-    const image = await Qcow2Image.open(backend, { ...options, readOnly: false });
+    const encryption = resolved.encryption;
+    const image = await Qcow2Image.open(backend, {
+      ...options,
+      readOnly: false,
+      ...(encryption?.format === "aes" ? { passphrase: encryption.passphrase } : {}),
+    });
     try {
+      if (encryption?.format === "luks") await image.setUpLuks(encryption);
       if (resolved.preallocation !== "off") await image.preallocate(resolved.preallocation);
     } catch (err) {
       await image.close().catch(() => undefined);
       throw err;
     }
     return image;
+  }
+
+  /**
+   * Make a fresh image LUKS-encrypted (qemu's qcow2_set_up_encryption): the LUKS area in newly
+   * allocated clusters, then one header write naming it and switching crypt_method to 2.
+   */
+  private async setUpLuks(o: CreateEncryption): Promise<void> {
+    const env = { crypto: await platform.createLuksCrypto(), createSectorCipher: platform.createSectorCipher };
+    const created = await createLuks(
+      {
+        passphrase: o.passphrase,
+        ...(o.cipherAlg !== undefined ? { cipherAlg: o.cipherAlg } : {}),
+        ...(o.cipherMode !== undefined ? { cipherMode: o.cipherMode } : {}),
+        ...(o.ivgenAlg !== undefined ? { ivgenAlg: o.ivgenAlg } : {}),
+        ...(o.hashAlg !== undefined ? { hashAlg: o.hashAlg } : {}),
+        ...(o.iterTime !== undefined ? { iterTime: o.iterTime } : {}),
+      },
+      env,
+    );
+    const cs = this.clusterSize;
+    try {
+      await this.map.lock.run(async () => {
+        const clusters = Math.ceil(created.area.length / cs);
+        const offset = await this.map.refcounts!.allocate(clusters);
+        await this.map.writeBack(() => this.drainReads());
+        const padded = new Uint8Array(clusters * cs);
+        padded.set(created.area);
+        await this.backend.write(padded, offset);
+        await this.backend.flush();
+        const next: Qcow2Header = {
+          ...this.header,
+          cryptMethod: CRYPT_LUKS,
+          extensions: { ...this.header.extensions, cryptoHeader: { offset, length: created.area.length } },
+        };
+        await this.backend.write(encodeHeader(next, cs), 0);
+        await this.backend.flush();
+        this.header.cryptMethod = CRYPT_LUKS;
+        this.header.extensions.cryptoHeader = { offset, length: created.area.length };
+      });
+      this.crypt = { format: "luks", cipher: await platform.createSectorCipher(created.key.algorithm, created.key.masterKey), sectorsBy: "host" };
+    } finally {
+      created.key.masterKey.fill(0);
+    }
   }
 
   /** Map every cluster of the disk to a host cluster (and for "full"/"falloc" write it), as qemu's preallocation does. */
@@ -349,6 +416,7 @@ export class Qcow2Image implements GuestDevice {
       }
     } finally {
       this.closed = true;
+      this.crypt?.cipher.destroy();
       try {
         await this.backing?.close();
       } finally {
@@ -513,6 +581,9 @@ export class Qcow2Image implements GuestDevice {
 
   /** GuestDevice: fill `dst` from `guestOffset` (range already checked). */
   async readInto(dst: Uint8Array, guestOffset: number): Promise<void> {
+    if (this.header.cryptMethod !== CRYPT_NONE && (guestOffset % SECTOR !== 0 || dst.length % SECTOR !== 0)) {
+      return this.readUnaligned(dst, guestOffset);
+    }
     // Whole compressed clusters are gathered and inflated together (over several threads where
     // the platform can); the rest is read as it comes.
     const compressed: CompressedJob[] = [];
@@ -529,6 +600,41 @@ export class Qcow2Image implements GuestDevice {
       const j = compressed[bad]!;
       throw this.badCompressed(j.hostOffset, j.src.length, j.guestOffset);
     }
+  }
+
+  /**
+   * Encrypted data decrypts in whole sectors: a partial sector at either end is read through a
+   * sector-sized buffer, the rest straight into `dst`.
+   */
+  private async readUnaligned(dst: Uint8Array, guestOffset: number): Promise<void> {
+    const end = guestOffset + dst.length;
+    for (let pos = guestOffset; pos < end; ) {
+      const sectorStart = Math.floor(pos / SECTOR) * SECTOR;
+      if (pos === sectorStart && end - pos >= SECTOR) {
+        const n = Math.floor((end - pos) / SECTOR) * SECTOR;
+        await this.readInto(dst.subarray(pos - guestOffset, pos - guestOffset + n), pos);
+        pos += n;
+      } else {
+        const sector = new Uint8Array(SECTOR);
+        await this.readInto(sector, sectorStart);
+        const n = Math.min(end, sectorStart + SECTOR) - pos;
+        dst.set(sector.subarray(pos - sectorStart, pos - sectorStart + n), pos - guestOffset);
+        pos += n;
+      }
+    }
+  }
+
+  /** The sector number a cipher is given for data at `guestOffset` stored at `hostOffset`. */
+  private sectorOf(guestOffset: number, hostOffset: number): number {
+    return (this.crypt!.sectorsBy === "guest" ? guestOffset : hostOffset) / SECTOR;
+  }
+
+  /** Guest data as it goes to the file: a ciphertext copy when the image is encrypted. */
+  private sealed(data: Uint8Array, guestOffset: number, hostOffset: number): Uint8Array {
+    if (!this.crypt) return data;
+    const out = new Uint8Array(data.length);
+    this.crypt.cipher.encrypt(data, this.sectorOf(guestOffset, hostOffset), out);
+    return out;
   }
 
   /** Fill each job's `src`, one backend read for streams that lie together in the file. */
@@ -568,6 +674,7 @@ export class Qcow2Image implements GuestDevice {
         case L2_TYPE_NORMAL:
           this.assertReadable(g);
           await readFully(this.backend, part, run.hostOffset + run.inCluster);
+          if (this.crypt) this.crypt.cipher.decrypt(part, this.sectorOf(g, run.hostOffset + run.inCluster));
           break;
         case L2_TYPE_ZERO_PLAIN:
         case L2_TYPE_ZERO_ALLOC:
@@ -578,6 +685,9 @@ export class Qcow2Image implements GuestDevice {
           break;
         case L2_TYPE_COMPRESSED:
           this.assertReadable(g);
+          if (this.header.cryptMethod !== CRYPT_NONE) {
+            throw new Qcow2Error(Qcow2ErrorCode.NOT_SUPPORTED, `${this.name}: guest offset ${g} is a compressed cluster in an encrypted image`);
+          }
           if (run.inCluster === 0 && part.length === this.clusterSize) {
             // Read later, together with its neighbours in the file.
             compressed.push({ src: EMPTY, size: run.compressedSize, dst: part, hostOffset: run.hostOffset, guestOffset: g });
@@ -591,10 +701,10 @@ export class Qcow2Image implements GuestDevice {
   }
 
   private assertReadable(guestOffset: number): void {
-    if (this.header.cryptMethod !== CRYPT_NONE) {
+    if (this.header.cryptMethod !== CRYPT_NONE && !this.crypt) {
       throw new Qcow2Error(
         Qcow2ErrorCode.ENCRYPTED,
-        `${this.name}: guest offset ${guestOffset} is encrypted (${cryptName(this.header.cryptMethod)}); encrypted images cannot be read yet`,
+        `${this.name}: guest offset ${guestOffset} is encrypted (${cryptName(this.header.cryptMethod)}); open the image with its passphrase`,
       );
     }
   }
@@ -662,7 +772,36 @@ export class Qcow2Image implements GuestDevice {
   }
 
   private writeOwned(guestOffset: number, data: Uint8Array): Promise<void> {
+    if (this.header.cryptMethod !== CRYPT_NONE) {
+      if (!this.crypt) {
+        throw new Qcow2Error(
+          Qcow2ErrorCode.ENCRYPTED,
+          `${this.name}: writing at guest offset ${guestOffset} needs the image's passphrase (${cryptName(this.header.cryptMethod)} encryption)`,
+        );
+      }
+      if (guestOffset % SECTOR !== 0 || data.length % SECTOR !== 0) return this.writeUnaligned(guestOffset, data);
+    }
     return this.forEachTable(guestOffset, data.length, (g, n) => this.writeSegment(g, data.subarray(g - guestOffset, g - guestOffset + n)));
+  }
+
+  /** Encrypted data goes out in whole sectors: a partial one is read, merged and written whole. */
+  private async writeUnaligned(guestOffset: number, data: Uint8Array): Promise<void> {
+    const end = guestOffset + data.length;
+    for (let pos = guestOffset; pos < end; ) {
+      const sectorStart = Math.floor(pos / SECTOR) * SECTOR;
+      if (pos === sectorStart && end - pos >= SECTOR) {
+        const n = Math.floor((end - pos) / SECTOR) * SECTOR;
+        await this.writeOwned(pos, data.subarray(pos - guestOffset, pos - guestOffset + n));
+        pos += n;
+      } else {
+        const sector = new Uint8Array(SECTOR);
+        await this.readInto(sector, sectorStart);
+        const n = Math.min(end, sectorStart + SECTOR) - pos;
+        sector.set(data.subarray(pos - guestOffset, pos - guestOffset + n), pos - sectorStart);
+        await this.writeOwned(sectorStart, sector);
+        pos += n;
+      }
+    }
   }
 
   /**
@@ -823,6 +962,10 @@ export class Qcow2Image implements GuestDevice {
   async writeCompressed(guestOffset: number, data: Uint8Array): Promise<void> {
     this.writable("writeCompressed");
     this.checkGuestRange("writeCompressed", guestOffset, data.length);
+    if (this.header.cryptMethod !== CRYPT_NONE) {
+      // As qemu: compressed clusters are never encrypted, so an encrypted image takes none.
+      throw new Qcow2Error(Qcow2ErrorCode.NOT_SUPPORTED, `${this.name}: compressed writes to an encrypted image are not supported`);
+    }
     const cs = this.clusterSize;
     const end = guestOffset + data.length;
     if (guestOffset % cs !== 0 || (end % cs !== 0 && end !== this.header.size)) {
@@ -932,7 +1075,8 @@ export class Qcow2Image implements GuestDevice {
     const plan = await this.map.lock.run(() => this.planWrite(guestOffset, src.length));
     const io: Promise<void>[] = [];
     for (const piece of plan.inPlace) {
-      io.push(this.backend.write(src.subarray(piece.srcStart, piece.srcStart + piece.bytes), piece.hostOffset));
+      const bytes = src.subarray(piece.srcStart, piece.srcStart + piece.bytes);
+      io.push(this.backend.write(this.sealed(bytes, guestOffset + piece.srcStart, piece.hostOffset), piece.hostOffset));
     }
     for (const group of plan.groups) io.push(this.writeGroup(group, guestOffset, src));
     if (io.length === 1) await io[0];
@@ -992,7 +1136,7 @@ export class Qcow2Image implements GuestDevice {
     const tail = groupStart + groupBytes - (guestOffset + group.srcEnd);
     const data = src.subarray(group.srcStart, group.srcEnd);
     if (head === 0 && tail === 0) {
-      await this.backend.write(data, group.hostOffset);
+      await this.backend.write(this.sealed(data, groupStart, group.hostOffset), group.hostOffset);
       return;
     }
     // The mapping is unchanged until commit and nobody else writes these clusters: reading them
@@ -1005,7 +1149,7 @@ export class Qcow2Image implements GuestDevice {
         if (head > 0) await this.readInto(buf.subarray(0, head), groupStart);
         if (tail > 0) await this.readInto(buf.subarray(groupBytes - tail), groupStart + groupBytes - tail);
         buf.set(data, head);
-        await this.backend.write(buf, group.hostOffset);
+        await this.backend.write(this.sealed(buf, groupStart, group.hostOffset), group.hostOffset);
       } finally {
         this.giveScratch(scratch);
       }
@@ -1020,7 +1164,7 @@ export class Qcow2Image implements GuestDevice {
         const first = scratch.subarray(0, cs);
         await this.readInto(first.subarray(0, head), groupStart);
         first.set(data.subarray(0, cs - head), head);
-        jobs.push(this.backend.write(first, group.hostOffset));
+        jobs.push(this.backend.write(this.sealed(first, groupStart, group.hostOffset), group.hostOffset));
         middleStart = cs - head;
       }
       let middleEnd = data.length;
@@ -1028,11 +1172,12 @@ export class Qcow2Image implements GuestDevice {
         const last = scratch.subarray(cs, 2 * cs);
         await this.readInto(last.subarray(cs - tail), groupStart + groupBytes - tail);
         last.set(data.subarray(data.length - (cs - tail)), 0);
-        jobs.push(this.backend.write(last, group.hostOffset + groupBytes - cs));
+        jobs.push(this.backend.write(this.sealed(last, groupStart + groupBytes - cs, group.hostOffset + groupBytes - cs), group.hostOffset + groupBytes - cs));
         middleEnd = data.length - (cs - tail);
       }
       if (middleEnd > middleStart) {
-        jobs.push(this.backend.write(data.subarray(middleStart, middleEnd), group.hostOffset + head + middleStart));
+        const middle = data.subarray(middleStart, middleEnd);
+        jobs.push(this.backend.write(this.sealed(middle, groupStart + head + middleStart, group.hostOffset + head + middleStart), group.hostOffset + head + middleStart));
       }
       await settleAll(jobs);
     } finally {

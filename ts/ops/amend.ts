@@ -37,7 +37,7 @@ import { readHeader, type Qcow2Header } from "../format/header.js";
 import { encodeHeader } from "../format/header-write.js";
 import { writeIncompatible } from "../format/header-update.js";
 import { encodeSnapshotTable, readSnapshotTable, type SnapshotEntry } from "../format/snapshots.js";
-import { refuseFeatures, refuseWrites } from "../image/features.js";
+import { refuseEncrypted, refuseFeatures, refuseWrites } from "../image/features.js";
 import { MetadataClusters } from "../image/overlap.js";
 import { Qcow2Image, type BackingResolver } from "../image/qcow2-image.js";
 import { Refcounts } from "../image/refcounts.js";
@@ -137,6 +137,7 @@ export async function prepareForWriting(
       throw new AmendError(Qcow2ErrorCode.NOT_SUPPORTED, `${name}: amending the encryption options (encrypt.${encrypt[0]![0]}) is not supported yet`);
     }
     refuseWrites(h, name);
+    refuseEncrypted(h, name);
     if (h.incompatibleFeatures & BigInt(INCOMPAT_DIRTY)) await repairDirty(backend, o);
     const opened = await Qcow2Image.open(borrow(backend), openOptions(o));
     const hasBacking = opened.backing !== undefined;

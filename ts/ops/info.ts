@@ -28,6 +28,8 @@ export interface InfoOptions {
   fullBackingFilename?: string;
   /** The image's internal snapshots (qemu shows them when there are any). */
   snapshots?: readonly SnapshotInfo[];
+  /** format-specific.data.encrypt in full (a LUKS image's luksInfo); `{format}` when not given. */
+  encrypt?: Record<string, unknown>;
 }
 
 export function imageInfo(device: GuestDevice, options: InfoOptions = {}): QemuImageInfo {
@@ -53,7 +55,7 @@ export function imageInfo(device: GuestDevice, options: InfoOptions = {}): QemuI
   const data: Record<string, unknown> = { compat: info.compat, "compression-type": info.compressionType };
   if (info.version === 3) data["lazy-refcounts"] = info.lazyRefcounts;
   data["refcount-bits"] = info.refcountBits;
-  if (info.encryption !== "none") data.encrypt = { format: info.encryption };
+  if (info.encryption !== "none") data.encrypt = options.encrypt ?? { format: info.encryption };
   if (info.dataFile !== undefined) {
     data["data-file"] = info.dataFile;
     data["data-file-raw"] = info.dataFileRaw;
@@ -87,6 +89,20 @@ const HUMAN_KEYS: Record<string, string> = {
   "data-file-raw": "data file raw",
 };
 
+/** qemu's dump_qobject: nested objects indented by 4, list items as "[i]:", dashes in keys as spaces. */
+function dumpValue(lines: string[], key: string, value: unknown, indent: number): void {
+  const pad = " ".repeat(indent);
+  if (Array.isArray(value)) {
+    lines.push(`${pad}${key}:`);
+    value.forEach((item, i) => dumpValue(lines, `[${i}]`, item, indent + 4));
+  } else if (value !== null && typeof value === "object") {
+    lines.push(`${pad}${key}:`);
+    for (const [k, v] of Object.entries(value as Record<string, unknown>)) dumpValue(lines, k.replaceAll("-", " "), v, indent + 4);
+  } else {
+    lines.push(`${pad}${key}: ${String(value)}`);
+  }
+}
+
 export function formatInfoHuman(info: QemuImageInfo): string {
   const lines = [
     `image: ${info.filename}`,
@@ -111,14 +127,7 @@ export function formatInfoHuman(info: QemuImageInfo): string {
   const data = info["format-specific"]?.data;
   if (data) {
     lines.push("Format specific information:");
-    for (const [key, value] of Object.entries(data)) {
-      if (key === "encrypt") {
-        lines.push("    encrypt:");
-        for (const [k, v] of Object.entries(value as Record<string, unknown>)) lines.push(`        ${k}: ${String(v)}`);
-        continue;
-      }
-      lines.push(`    ${HUMAN_KEYS[key] ?? key}: ${String(value)}`);
-    }
+    for (const [key, value] of Object.entries(data)) dumpValue(lines, HUMAN_KEYS[key] ?? key, value, 4);
   }
   return lines.length > 0 ? text + lines.join("\n") + "\n" : text;
 }

@@ -46,6 +46,11 @@ export interface WasmExports {
     blockStatus: number,
     blockShift: number,
   ): number;
+  aesExpandKey(schedule: number, key: number, keyBytes: number): number;
+  aesCbcEncrypt(schedule: number, data: number, len: number, sector: number): number;
+  aesCbcDecrypt(schedule: number, data: number, len: number, sector: number): number;
+  aesXtsEncrypt(dataSchedule: number, tweakSchedule: number, data: number, len: number, sector: number): number;
+  aesXtsDecrypt(dataSchedule: number, tweakSchedule: number, data: number, len: number, sector: number): number;
   _initialize?(): void;
 }
 
@@ -73,3 +78,9 @@ export const CHECK_STAT_COMPRESSED = 2;
 export const CHECK_STAT_NEXT_CONTIGUOUS = 3;
 export const CHECK_STATS_SIZE = 32;
 export const SCAN_FRAG_INFO = 1;
+
+// asm/aes.ts key schedule size (bytes, 16-aligned) and status codes.
+export const AES_SCHEDULE_SIZE = 1936;
+export const AES_OK = 0;
+export const AES_BAD_LENGTH = 1;
+export const AES_BAD_SCHEDULE = 2;
