@@ -5,6 +5,7 @@ import { execFileSync } from "node:child_process";
 import path from "node:path";
 import { beforeAll, expect, it } from "vitest";
 import { check } from "../../ts/cli/check.js";
+import { compare } from "../../ts/cli/compare.js";
 import { create } from "../../ts/cli/create.js";
 import { map } from "../../ts/cli/map.js";
 import { info } from "../../ts/cli/info.js";
@@ -152,4 +153,23 @@ describeQemu("qcow2-img on encrypted images", { timeout: 120_000 }, () => {
       expect({ args, encrypt: info(a) }).toEqual({ args, encrypt: info(b) });
     }
   }, 120_000);
+
+  it("compare reads encrypted images through --image-opts, as qemu-img compare", async () => {
+    const opts = (file: string, id = "sec0"): string => `driver=qcow2,file.filename=${file},encrypt.key-secret=${id}`;
+    const plain = path.join(dir, "plain.qcow2");
+    qemuImg(["convert", ...secret, "--image-opts", opts(aes), "-O", "qcow2", plain]);
+    const cases: string[][] = [
+      [...secret, "--image-opts", opts(aes), `driver=qcow2,file.filename=${plain}`],
+      [...secret, "--image-opts", opts(aes), opts(luks)],
+      [...secret, "--image-opts", "-s", opts(aes), opts(aes)],
+      [aes, plain],
+      [...secret, "--image-opts", opts(aes, "nope"), opts(aes)],
+      ["--object", "secret,id=sec0,data=wrong", "--image-opts", `driver=qcow2,file.filename=${plain}`, opts(luks)],
+    ];
+    for (const args of cases) {
+      const ours = await runOurs(compare, args);
+      const theirs = runQemuImg("compare", args);
+      expect({ args, ...ours }).toEqual({ args, ...theirs });
+    }
+  });
 });

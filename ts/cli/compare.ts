@@ -14,6 +14,7 @@ import { Qcow2Image } from "../image/qcow2-image.js";
 import { parseArgs, UsageError } from "./args.js";
 import { describeOpenError, ImageView } from "./map.js";
 import { CACHE_MODES } from "./options.js";
+import { imageSource, OptionsError, requireSecret, type ImageSource } from "./image-opts.js";
 
 export const COMPARE_USAGE = "compare [-f fmt] [-F fmt] [-T src_cache] [-p] [-q] [-s] [-U] filename1 filename2";
 
@@ -113,8 +114,8 @@ class ReadError extends Error {}
 
 export async function compare(argv: string[], out: (text: string) => void, err: (text: string) => void): Promise<number> {
   const args = parseArgs(argv, {
-    withValue: ["-f", "-F", "-T"],
-    flags: ["-p", "-q", "-s", "-U", "--force-share", "-h", "--help"],
+    withValue: ["-f", "-F", "-T", "--object"],
+    flags: ["-p", "-q", "-s", "-U", "--force-share", "--image-opts", "-h", "--help"],
   });
   if (args.flags.has("-h") || args.flags.has("--help")) {
     out(`usage: qcow2-img ${COMPARE_USAGE}\n`);
@@ -136,21 +137,28 @@ export async function compare(argv: string[], out: (text: string) => void, err: 
   }
   // Holes of raw files change only the block status (-s) and the pieces progress is counted in.
   const options = { rawHoles: strict || args.flags.has("-p") };
-  let view1: ImageView;
-  try {
-    view1 = await ImageView.open(file1, args.values.get("-f"), options);
-  } catch (e) {
-    err(`qcow2-img: ${describeOpenError(file1, e)}\n`);
-    progress.end();
-    return 2;
-  }
-  let view2: ImageView;
-  try {
-    view2 = await ImageView.open(file2, args.values.get("-F"), options);
-  } catch (e) {
+  // With --image-opts both names are option strings (qemu's img_open for each).
+  const open = async (arg: string, fmt: string | undefined): Promise<ImageView | undefined> => {
+    let source: ImageSource | undefined;
+    let view: ImageView | undefined;
+    try {
+      source = await imageSource(arg, { objects: args.all.get("--object") ?? [], imageOpts: args.flags.has("--image-opts"), format: undefined });
+      if (args.flags.has("--image-opts") && fmt !== undefined) throw new OptionsError("--image-opts and --format are mutually exclusive");
+      view = await ImageView.open(source.file, source.format ?? fmt, { ...options, ...(source.passphrase ? { passphrase: source.passphrase } : {}) });
+      if (view.top instanceof Qcow2Image) requireSecret(source, view.top.header.cryptMethod);
+      return view;
+    } catch (e) {
+      await view?.close();
+      err(e instanceof OptionsError ? `qcow2-img: ${e.message}\n` : `qcow2-img: ${describeOpenError(source?.name ?? arg, e)}\n`);
+      progress.end();
+      return undefined;
+    }
+  };
+  const view1 = await open(file1, args.values.get("-f"));
+  if (!view1) return 2;
+  const view2 = await open(file2, args.values.get("-F"));
+  if (!view2) {
     await view1.close();
-    err(`qcow2-img: ${describeOpenError(file2, e)}\n`);
-    progress.end();
     return 2;
   }
   try {
