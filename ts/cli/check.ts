@@ -10,7 +10,6 @@ import { parseArgs, UsageError } from "./args.js";
 import { fullBackingPath, openDevice, parseFormat } from "./open.js";
 import { CACHE_MODES } from "./options.js";
 import { imageSource, OptionsError, requireSecret, type ImageSource } from "./image-opts.js";
-import { openEncryption } from "../image/encryption.js";
 
 export const CHECK_USAGE = "check [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-T src_cache] [-U] filename";
 
@@ -69,7 +68,7 @@ export async function check(argv: string[], out: (text: string) => void, err: (t
       refuseFeatures(header, file);
       requireSecret(source, header.cryptMethod);
       // A LUKS secret must open a key slot, as qemu's open checks.
-      if (source.passphrase !== undefined && header.cryptMethod !== 0) (await openEncryption(backend, header, source.passphrase)).cipher.destroy();
+      if (source.passphrase !== undefined && header.cryptMethod !== 0) (await (await import("../image/encryption.js")).openEncryption(backend, header, source.passphrase)).cipher.destroy();
       if (header.backingFile !== undefined && header.backingFile !== "") {
         const backingFormat = header.extensions.backingFormat;
         const backingPath = fullBackingPath(file, header.backingFile);

@@ -6,8 +6,6 @@ import { formatInfoHuman, imageInfo, type QemuImageInfo } from "../ops/info.js";
 import { parseArgs, UsageError } from "./args.js";
 import { fullBackingPath, openDevice, parseFormat, type ImageFormat } from "./open.js";
 import { CRYPT_LUKS } from "../format/constants.js";
-import { luksInfo } from "../format/luks.js";
-import { imageLuksHeader } from "../image/encryption.js";
 import { jsonFilename, OptionsError, parseImageOpts, parseObjects } from "./image-opts.js";
 
 export const INFO_USAGE = "info [--object objectdef] [--image-opts] [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename";
@@ -34,7 +32,9 @@ async function describe(
     // A LUKS image shows its header's fields; no passphrase is needed for them.
     const encrypt =
       device instanceof Qcow2Image && device.header.cryptMethod === CRYPT_LUKS
-        ? (luksInfo(await imageLuksHeader(device.backend, device.header)) as unknown as Record<string, unknown>)
+        ? ((await import("../format/luks.js")).luksInfo(
+            await (await import("../image/encryption.js")).imageLuksHeader(device.backend, device.header),
+          ) as unknown as Record<string, unknown>)
         : undefined;
     const options = {
       filename: displayName,

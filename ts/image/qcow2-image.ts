@@ -22,14 +22,13 @@ import { L1Table } from "../format/l1.js";
 import { ClusterMap, type Run } from "./cluster-map.js";
 import { Refcounts } from "./refcounts.js";
 import { formatImage, resolveCreateOptions, type CreateEncryption, type CreateOptions, type Preallocation } from "./create.js";
-import { createLuks } from "../format/luks.js";
 import { encodeHeader } from "../format/header-write.js";
 import { repairDirtyImage } from "../check/check.js";
 import { refuseFeatures, refuseWrites } from "./features.js";
 import { MetadataClusters } from "./overlap.js";
 import { readSnapshotTable } from "../format/snapshots.js";
 import { findSnapshot, Snapshots, type SnapshotHost } from "./snapshots.js";
-import { openEncryption, type DataEncryption } from "./encryption.js";
+import type { DataEncryption } from "./encryption.js";
 import { resolveBackend } from "../io/resolve.js";
 import { writeAutoclear, writeIncompatible, writeRefcountTablePointer, writeSize, writeSizeAndL1 } from "../format/header-update.js";
 import { writeBackingFile } from "../format/header-backing.js";
@@ -266,7 +265,8 @@ export class Qcow2Image implements GuestDevice {
         });
         const image = new Qcow2Image(backend, header, map, backing, fileSize);
         if (header.cryptMethod !== CRYPT_NONE && options.passphrase !== undefined) {
-          image.crypt = await openEncryption(backend, header, options.passphrase);
+          // Loaded only for encrypted images: opening a plain one loads no cipher code.
+          image.crypt = await (await import("./encryption.js")).openEncryption(backend, header, options.passphrase);
         }
         return image;
       } catch (err) {
@@ -330,6 +330,7 @@ export class Qcow2Image implements GuestDevice {
    */
   private async setUpLuks(o: CreateEncryption): Promise<void> {
     const env = { crypto: await platform.createLuksCrypto(), createSectorCipher: platform.createSectorCipher };
+    const { createLuks } = await import("../format/luks.js");
     const created = await createLuks(
       {
         passphrase: o.passphrase,
