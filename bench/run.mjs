@@ -8,7 +8,7 @@ import os from "node:os";
 import path from "node:path";
 import { BENCH_DIR, QUICK, fmt } from "./_common.mjs";
 
-const SCRIPTS = ["read-sequential.mjs", "l2-lookup.mjs", "io-backend.mjs", "write.mjs", "write-compressed.mjs", "check.mjs", "convert.mjs", "qemu-bench.mjs", "startup.mjs", "crypto.mjs"];
+const SCRIPTS = ["read-sequential.mjs", "l2-lookup.mjs", "io-backend.mjs", "write.mjs", "write-compressed.mjs", "check.mjs", "convert.mjs", "qemu-bench.mjs", "startup.mjs", "crypto.mjs", "convert-encrypted.mjs"];
 
 const started = performance.now();
 const headlines = path.join(os.tmpdir(), `qcow2-wasm-bench-${process.pid}.jsonl`);
