@@ -12,7 +12,7 @@ const pkg = JSON.parse(readFileSync(path.join(root, "package.json"), "utf8")) as
   bin: Record<string, string>;
 };
 
-/** Every module specifier reachable through static imports and re-exports from `entry`. */
+/** Every module specifier reachable through imports (static or dynamic) and re-exports from `entry`. */
 function reachable(entry: string): Set<string> {
   const seen = new Set<string>();
   const external = new Set<string>();
@@ -22,8 +22,10 @@ function reachable(entry: string): Set<string> {
     if (seen.has(file)) continue;
     seen.add(file);
     const text = readFileSync(file, "utf8");
-    for (const m of text.matchAll(/(?:^|\n)\s*(?:import|export)\s[^;]*?from\s+["']([^"']+)["']|(?:^|\n)\s*import\s+["']([^"']+)["']/g)) {
-      const spec = m[1] ?? m[2]!;
+    for (const m of text.matchAll(
+      /(?:^|\n)\s*(?:import|export)\s[^;]*?from\s+["']([^"']+)["']|(?:^|\n)\s*import\s+["']([^"']+)["']|\bimport\(\s*["']([^"']+)["']\s*\)/g,
+    )) {
+      const spec = m[1] ?? m[2] ?? m[3]!;
       if (spec.startsWith(".")) queue.push(path.resolve(path.dirname(file), spec));
       else external.add(spec);
     }

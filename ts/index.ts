@@ -33,6 +33,6 @@ export {
   type RepairMode,
 } from "./check/check.js";
 export { convert, type ConvertOptions } from "./ops/convert.js";
+export { amend, AmendError, type AmendOptions, type AmendEncryptOptions } from "./ops/amend.js";
 export { rebase, copyForRebase, RebaseError, type RebaseOptions, type RebaseCopyOptions, type RebaseStage } from "./ops/rebase.js";
 export { commit, type CommitOptions } from "./ops/commit.js";
-export { amend, AmendError, type AmendOptions, type AmendEncryptOptions } from "./ops/amend.js";

@@ -6,6 +6,7 @@ import { execFileSync } from "node:child_process";
 import { copyFileSync, readFileSync } from "node:fs";
 import path from "node:path";
 import { beforeAll, expect, it } from "vitest";
+import { convert } from "../../ts/cli/convert.js";
 import { info } from "../../ts/cli/info.js";
 import { snapshot } from "../../ts/cli/snapshot.js";
 import { runOurs, runQemuImg } from "../helpers/cli.js";
@@ -157,6 +158,39 @@ describeQemu("qcow2-img snapshot", () => {
         stdout: b.stdout,
         stderr: norm(b.stderr),
       });
+    }
+  });
+
+  it("convert -l reads a snapshot as qemu-img convert -l does", async () => {
+    const raw = (name: string): string => path.join(dir, name);
+    const cases: string[][] = [
+      ["-l", "one", "-O", "raw"],
+      ["-l", "3", "-O", "raw"],
+      ["-l", "snapshot.name=one", "-O", "qcow2"],
+      ["-l", "snapshot.id=2,snapshot.name=two", "-O", "raw"],
+      ["-l", "snapshot.id=1,snapshot.name=two", "-O", "raw"],
+      ["-l", "nope", "-O", "raw"],
+      ["-l", "snapshot.foo=1", "-O", "raw"],
+    ];
+    let n = 0;
+    for (const args of cases) {
+      const a = raw(`l-ours-${n}.img`);
+      const b = raw(`l-qemu-${n++}.img`);
+      const ours = await runOurs(convert, [...args, base, a]);
+      const theirs = runQemuImg("convert", [...args, base, b]);
+      const norm = (t: string, f: string): string => t.replaceAll(f, "F");
+      expect({ args, status: ours.status, stdout: ours.stdout, stderr: norm(ours.stderr, a) }).toEqual({
+        args,
+        status: theirs.status,
+        stdout: theirs.stdout,
+        stderr: norm(theirs.stderr, b),
+      });
+      if (theirs.status === 0) expect({ args, same: qemuImg(["compare", a, b]).includes("identical") }).toEqual({ args, same: true });
+    }
+    for (const args of [["-l", "one", "-O", "raw", base, base, raw("x.raw")], ["-l", "one", "-O", "raw", path.join(dir, "disk.raw"), raw("y.raw")]]) {
+      const ours = await runOurs(convert, args);
+      const theirs = runQemuImg("convert", args);
+      expect({ args, ...ours }).toEqual({ args, ...theirs });
     }
   });
 });

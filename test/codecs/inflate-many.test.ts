@@ -5,7 +5,7 @@ import zlib from "node:zlib";
 import { expect, it } from "vitest";
 import { rng } from "../helpers/qemu.js";
 
-it("inflateMany (main thread + worker) gives what inflate gives, batch after batch", async () => {
+it("inflateMany (worker pool) gives what inflate gives, batch after batch", async () => {
   const { NodeZlibInflater } = (await import("../../build/codecs/node-zlib.js")) as typeof import("../../ts/codecs/node-zlib.js");
   const inflater = new NodeZlibInflater();
   const cs = 65536;
@@ -35,6 +35,29 @@ it("inflateMany (main thread + worker) gives what inflate gives, batch after bat
     jobs.forEach((j, k) => {
       expect(ok[k], `cluster ${k}`).toBe(expected[k] !== undefined);
       if (expected[k]) expect(Buffer.from(j.dst).equals(Buffer.from(expected[k]!))).toBe(true);
+    });
+  }
+});
+
+it("deflateMany (worker pool) gives what deflate gives: the same bytes, undefined when not shorter", async () => {
+  const { NodeZlibDeflater } = (await import("../../build/codecs/node-zlib.js")) as typeof import("../../ts/codecs/node-zlib.js");
+  const deflater = new NodeZlibDeflater();
+  const cs = 65536;
+  const rand = rng(9);
+  for (let round = 0; round < 3; round++) {
+    const clusters: Uint8Array[] = [];
+    for (let k = 0; k < 37; k++) {
+      const cluster = new Uint8Array(cs);
+      // Text-like, random (does not shrink), or zeros.
+      const kind = k % 3;
+      for (let i = 0; i < cs; i++) cluster[i] = kind === 0 ? 97 + ((rand() * rand() * 26) | 0) : kind === 1 ? (rand() * 256) | 0 : 0;
+      clusters.push(cluster);
+    }
+    const packed = await deflater.deflateMany(clusters, cs);
+    clusters.forEach((c, k) => {
+      const want = deflater.deflate(c, cs);
+      if (want === undefined) expect(packed[k], `cluster ${k}`).toBeUndefined();
+      else expect(Buffer.from(packed[k]!).equals(Buffer.from(want)), `cluster ${k}`).toBe(true);
     });
   }
 });

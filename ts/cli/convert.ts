@@ -2,16 +2,53 @@
 //   [-S size] [-m N] [-W] [-l snapshot] [--target-is-zero] [-U] src... dst
 
 import { NodeFileBackend } from "../io/node-file.js";
-import type { GuestDevice } from "../image/device.js";
+import { RawDevice, type GuestDevice } from "../image/device.js";
+import { Qcow2Image } from "../image/qcow2-image.js";
+import { readFully } from "../io/backend.js";
+import { QCOW_MAGIC } from "../format/constants.js";
 import { convert as convertImages } from "../ops/convert.js";
 import { parseArgs, UsageError } from "./args.js";
 import type { CreateOptions } from "../image/create.js";
 import { createOptionTable, hasHelpOption, optionHelp, parseOptions, qcow2Settings, unsupportedOption } from "./create.js";
-import { fullBackingPath, openDevice, parseFormat } from "./open.js";
+import { fullBackingPath, openDevice, parseFormat, type ImageFormat } from "./open.js";
 import { strtosz } from "./options.js";
+import { parseSnapshotParam, type SnapshotParam } from "./snapshot-param.js";
+import { imageSource, OptionsError, parseObjects, requireSecret, type ImageSource } from "./image-opts.js";
+import { Qcow2ErrorCode, isQcow2Error } from "../errors.js";
+import type { OpenOptions } from "../image/qcow2-image.js";
 
 export const CONVERT_USAGE =
   "convert [-c] [-p] [-q] [-n] [-f fmt] [-O output_fmt] [-B backing_file [-F backing_fmt]] [-o options] [-l snapshot_param] [-S sparse_size] [-m num_coroutines] [-W] [--target-is-zero] filename [filename2 [...]] output_filename";
+
+/**
+ * Source reads of at least this many bytes (data chunks, runs of compressed streams) go to the
+ * thread pool, so they run ahead of the writes; headers and tables are read synchronously.
+ */
+const ASYNC_READS_FROM = 256 * 1024;
+
+/** qemu's bdrv_snapshot_load_tmp refusal for a format without snapshots. */
+class SnapshotLoadError extends Error {}
+
+/** openDevice, with large reads on the thread pool; a snapshot or a passphrase as asked. */
+async function openSource(file: string, format: ImageFormat | undefined, open: Pick<OpenOptions, "snapshot" | "snapshotAtCurrentSize" | "passphrase"> = {}): Promise<GuestDevice> {
+  const backend = await NodeFileBackend.open(file, { readOnly: true, asyncFrom: ASYNC_READS_FROM });
+  try {
+    let fmt = format;
+    if (fmt === undefined) {
+      const magic = new Uint8Array(4);
+      await readFully(backend, magic, 0);
+      fmt = new DataView(magic.buffer).getUint32(0) === QCOW_MAGIC ? "qcow2" : "raw";
+    }
+    if (fmt === "raw") {
+      if (open.snapshot !== undefined) throw new SnapshotLoadError("Block format 'raw' used by device '' does not support temporarily loading internal snapshots");
+      return await RawDevice.open(backend);
+    }
+    return await Qcow2Image.open(backend, open);
+  } catch (e) {
+    await backend.close().catch(() => undefined);
+    throw e;
+  }
+}
 
 /** qemu's progress line: "    (NN.NN/100%)\r", printed when it moved by at least 1%. */
 class Progress {
@@ -33,7 +70,7 @@ class Progress {
 export async function convert(argv: string[], out: (text: string) => void, err: (text: string) => void): Promise<number> {
   const args = parseArgs(argv, {
     withValue: ["-f", "-O", "-o", "-B", "-F", "-S", "-l", "-m", "-t", "-T", "-r", "--object"],
-    flags: ["-c", "-p", "-q", "-n", "-W", "-U", "-C", "--force-share", "--target-is-zero", "-h", "--help"],
+    flags: ["-c", "-p", "-q", "-n", "-W", "-U", "-C", "--force-share", "--target-is-zero", "--image-opts", "-h", "--help"],
   });
   if (args.flags.has("-h") || args.flags.has("--help")) {
     out(`usage: qcow2-img ${CONVERT_USAGE}\n`);
@@ -48,8 +85,25 @@ export async function convert(argv: string[], out: (text: string) => void, err: 
   const existing = args.flags.has("-n");
   const quiet = args.flags.has("-q");
   const targetIsZero = args.flags.has("--target-is-zero");
+  let snapshot: SnapshotParam | undefined;
   if (args.values.has("-l")) {
-    err("qcow2-img: converting from an internal snapshot (-l) is not supported yet\n");
+    const parsed = parseSnapshotParam(args.values.get("-l")!);
+    if ("error" in parsed) {
+      err(parsed.error.split("\n").map((line) => `qcow2-img: ${line}\n`).join(""));
+      return 1;
+    }
+    snapshot = parsed.which;
+    if (files.length > 1) {
+      err("qcow2-img: No support for concatenating multiple snapshot\n");
+      return 1;
+    }
+  }
+  let secrets: Map<string, Uint8Array>;
+  try {
+    secrets = await parseObjects(args.all.get("--object") ?? []);
+  } catch (e) {
+    if (!(e instanceof OptionsError)) throw e;
+    err(`qcow2-img: ${e.message}\n`);
     return 1;
   }
   if (compress && outFormat !== "qcow2") {
@@ -104,9 +158,29 @@ export async function convert(argv: string[], out: (text: string) => void, err: 
   const sources: GuestDevice[] = [];
   try {
     for (const file of files) {
+      let source: ImageSource | undefined;
       try {
-        sources.push(await openDevice(file, inFormat));
+        // With --image-opts each source is an option string naming the file and its secret.
+        source = await imageSource(file, { objects: args.all.get("--object") ?? [], imageOpts: args.flags.has("--image-opts"), format: inFormat });
+        const device = await openSource(source.file, source.format, {
+          ...(snapshot !== undefined ? { snapshot, snapshotAtCurrentSize: true } : {}),
+          ...(source.passphrase !== undefined ? { passphrase: source.passphrase } : {}),
+        });
+        sources.push(device);
+        if (device instanceof Qcow2Image) requireSecret(source, device.header.cryptMethod);
       } catch (e) {
+        if (e instanceof OptionsError) {
+          err(`qcow2-img: ${e.message}\n`);
+          return 1;
+        }
+        if (snapshot !== undefined && (e instanceof SnapshotLoadError || isQcow2Error(e, Qcow2ErrorCode.NOT_FOUND))) {
+          err(`qcow2-img: Failed to load snapshot: ${e instanceof SnapshotLoadError ? e.message : "Can't find snapshot"}\n`);
+          return 1;
+        }
+        if (source !== undefined && source.name !== file) {
+          err(`qcow2-img: Could not open '${source.name}': ${(e as Error).message}\n`);
+          return 1;
+        }
         err(`qcow2-img: Could not open '${file}': ${(e as Error).message}\n`);
         return 1;
       }
@@ -132,7 +206,7 @@ export async function convert(argv: string[], out: (text: string) => void, err: 
         if (fmt !== undefined) optionSet.set("backing_fmt", { text: fmt, value: fmt });
       }
       try {
-        create = qcow2Settings(optionSet).options;
+        create = qcow2Settings(optionSet, secrets).options;
       } catch (e) {
         err(`qcow2-img: ${target}: error while converting qcow2: ${(e as Error).message}\n`);
         return 1;
@@ -140,8 +214,8 @@ export async function convert(argv: string[], out: (text: string) => void, err: 
     }
     const progress = args.flags.has("-p") && !quiet ? new Progress(out) : undefined;
     progress?.show(0);
-    // Synchronous file I/O: measured faster here than sending writes to the thread pool, whose
-    // round trips cost more than the overlap with reads gains (bench/convert.mjs).
+    // Writes are synchronous: this thread stays busy with the longest step (the kernel copying
+    // into the target) while the next chunks are read on the thread pool (bench/convert.mjs).
     const targetBackend = await NodeFileBackend.open(target, { readOnly: false, create: !existing });
     await convertImages(sources, targetBackend, {
       format: outFormat,

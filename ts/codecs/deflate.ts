@@ -62,6 +62,11 @@ export interface ClusterDeflater {
   deflate(src: Uint8Array, limit: number): Uint8Array | undefined;
   /** The same off the main thread, where the platform can (Node: the libuv thread pool). */
   deflateAsync?(src: Uint8Array, limit: number): Promise<Uint8Array | undefined>;
+  /**
+   * Deflate many clusters, using other threads where the platform has them (Node: worker
+   * threads); each result is what `deflate` gives for that cluster.
+   */
+  deflateMany?(clusters: Uint8Array[], limit: number): Promise<Array<Uint8Array | undefined>>;
 }
 
 /** Portable deflater (pako). */

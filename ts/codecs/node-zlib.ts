@@ -1,9 +1,14 @@
-// node:zlib inflater: native zlib, 2.3-3.4x pako per 64 KiB cluster (bench/io-backend.mjs).
+// node:zlib codecs: native zlib, 2.3-3.4x pako per 64 KiB cluster (bench/io-backend.mjs). Batches
+// of clusters go to a pool of worker threads, one per core: deflating a cluster takes ~0.6 ms and
+// inflating one ~0.2 ms, against ~0.05 ms to hand a piece of a batch to a worker and back.
 
+import { existsSync } from "node:fs";
 import os from "node:os";
+import { fileURLToPath } from "node:url";
 import { Worker } from "node:worker_threads";
 import zlib from "node:zlib";
 import { PakoInflater, type ClusterDeflater, type ClusterInflater } from "./deflate.js";
+import { ITEM_FAILED, ITEM_TOO_LONG, type ZlibPiece, type ZlibReply } from "./zlib-protocol.js";
 
 function inflateOptions(dst: Uint8Array): zlib.ZlibOptions {
   return {
@@ -21,27 +26,25 @@ export class NodeZlibInflater implements ClusterInflater {
   // refuses to stop there, so those rare ones go through the portable inflater.
   private readonly fallback = new PakoInflater();
 
-  /**
-   * Split the batch between this thread and a worker (on machines with more than one core):
-   * the worker takes the second half, this thread inflates the first meanwhile.
-   */
+  /** Inflate a batch on the worker pool (on this thread when there is none or the batch is small). */
   async inflateMany(jobs: Array<{ src: Uint8Array; dst: Uint8Array }>): Promise<boolean[]> {
-    const worker = jobs.length >= MIN_WORKER_BATCH ? inflateWorker() : undefined;
-    if (!worker) return jobs.map((j) => this.inflate(j.src, j.dst));
-    const half = Math.floor(jobs.length / 2);
-    const theirs = jobs.slice(half);
-    const reply = worker.run(theirs.map((j) => j.src), theirs[0]!.dst.length);
-    const results = jobs.slice(0, half).map((j) => this.inflate(j.src, j.dst));
-    const outs = await reply;
-    theirs.forEach((j, k) => {
-      const out = outs[k];
-      if (out && out.length === j.dst.length) {
+    const pool = jobs.length >= MIN_POOL_BATCH ? zlibPool() : undefined;
+    const cs = jobs[0]?.dst.length ?? 0;
+    if (!pool || jobs.some((j) => j.dst.length !== cs)) return jobs.map((j) => this.inflate(j.src, j.dst));
+    const results: boolean[] = [];
+    const perPiece = Math.max(1, Math.floor(INFLATE_PIECE_OUTPUT / cs));
+    const { outs, buffers } = await pool.run("inflate", jobs.map((j) => j.src), cs, perPiece);
+    jobs.forEach((j, k) => {
+      const out = outs[k]!;
+      if (typeof out !== "number") {
         j.dst.set(out);
         results.push(true);
       } else {
-        results.push(this.inflate(j.src, j.dst));
+        // ITEM_TOO_LONG, or a worker that failed: the answer is this thread's.
+        results.push(out === ITEM_FAILED ? false : this.inflate(j.src, j.dst));
       }
     });
+    pool.recycle(buffers);
     return results;
   }
 
@@ -65,62 +68,186 @@ export class NodeZlibDeflater implements ClusterDeflater {
     return out.length < limit ? out : undefined;
   }
 
-  // Deflating a cluster takes ~1 ms, so the thread pool's per-call cost (~0.2 ms) pays off; an
-  // inflate takes 0.04 ms, so inflating stays synchronous.
+  /** One cluster on the libuv thread pool. */
   deflateAsync(src: Uint8Array, limit: number): Promise<Uint8Array | undefined> {
     return new Promise((resolve, reject) => {
-      zlib.deflateRaw(src, DEFLATE_OPTIONS, (err, out) => (err ? reject(err) : resolve(out.length < limit ? out : undefined)));
+      zlib.deflateRaw(src, { ...DEFLATE_OPTIONS, chunkSize: src.length + 1024 }, (err, out) =>
+        err ? reject(err) : resolve(out.length < limit ? out : undefined),
+      );
     });
   }
+
+  /** A batch on the worker pool (on this thread when there is none or the batch is small). */
+  async deflateMany(clusters: Uint8Array[], limit: number): Promise<Array<Uint8Array | undefined>> {
+    const pool = clusters.length >= MIN_POOL_BATCH ? zlibPool() : undefined;
+    if (!pool || clusters.some((c) => c.length > limit)) return clusters.map((c) => this.deflate(c, limit));
+    // The results are views of the workers' replies: those buffers stay with the caller.
+    const perPiece = Math.max(1, Math.floor(DEFLATE_PIECE_INPUT / limit));
+    const { outs } = await pool.run("deflate", clusters, limit, perPiece);
+    return outs.map((out, k) => (typeof out !== "number" ? out : out === ITEM_FAILED ? undefined : this.deflate(clusters[k]!, limit)));
+  }
 }
 
-/** Below this many clusters a batch is inflated here: the round trip would cost more. */
-const MIN_WORKER_BATCH = 8;
+/** Below this many clusters a batch is done on the calling thread: the round trip would cost more. */
+const MIN_POOL_BATCH = 4;
+/**
+ * Clusters per piece sent to a worker: a few milliseconds of work, so that pieces balance the
+ * workers while messages stay few (each wakes a thread, ~0.2 ms here: bench/convert.mjs).
+ */
+const DEFLATE_PIECE_INPUT = 512 * 1024;
+const INFLATE_PIECE_OUTPUT = 1024 * 1024;
+/** Pieces a worker holds at once: one to work on and one waiting, so it never waits for us. */
+const PIECES_PER_WORKER = 2;
+/** Inflate output buffers kept for reuse (fresh ones cost page faults; ~1 MiB each). */
+const MAX_SPARES = 16;
 
-interface InflateWorker {
-  run(sources: Uint8Array[], clusterSize: number): Promise<Array<Uint8Array | null>>;
+/** A result: the bytes, or ITEM_FAILED / ITEM_TOO_LONG (also given for a worker that failed). */
+type Item = Uint8Array | number;
+
+interface Piece {
+  op: "deflate" | "inflate";
+  clusterSize: number;
+  items: Uint8Array[];
+  done: (outs: Item[], buffer?: ArrayBuffer) => void;
 }
 
-let shared: InflateWorker | null | undefined;
+interface PoolWorker {
+  worker: Worker;
+  busy: Map<number, Piece>;
+}
 
-/** One worker per process, started on first use, never keeping the process alive. */
-function inflateWorker(): InflateWorker | undefined {
-  if (shared !== undefined) return shared ?? undefined;
-  if (os.availableParallelism() < 2) {
-    shared = null;
-    return undefined;
+/** Worker threads that deflate and inflate pieces of batches, first come first served. */
+class ZlibPool {
+  private readonly workers: PoolWorker[] = [];
+  private readonly queue: Piece[] = [];
+  private readonly spares: ArrayBuffer[] = [];
+  private nextId = 0;
+
+  constructor(script: URL, count: number) {
+    for (let i = 0; i < count; i++) {
+      const worker = new Worker(script);
+      worker.unref();
+      const entry: PoolWorker = { worker, busy: new Map() };
+      worker.on("message", (reply: ZlibReply) => this.finish(entry, reply));
+      worker.on("error", () => this.lose(entry));
+      worker.on("exit", () => this.lose(entry));
+      this.workers.push(entry);
+    }
   }
-  let worker: Worker;
-  try {
-    worker = new Worker(new URL("./inflate-worker.js", import.meta.url));
-  } catch {
-    shared = null; // no worker script here (running from sources): inflate on this thread
-    return undefined;
+
+  get size(): number {
+    return this.workers.length;
   }
-  worker.unref();
-  const pending = new Map<number, (outs: Array<Uint8Array | null>) => void>();
-  let nextId = 0;
-  worker.on("message", (m: { id: number; outs: Array<Uint8Array | null> }) => {
-    pending.get(m.id)?.(m.outs);
-    pending.delete(m.id);
-  });
-  worker.on("error", () => {
-    // Whatever was sent is redone on this thread; no worker from now on.
-    for (const resolve of pending.values()) resolve([]);
-    pending.clear();
-    shared = null;
-  });
-  shared = {
-    run(sources, clusterSize) {
-      const id = nextId++;
-      return new Promise((resolve) => {
-        pending.set(id, resolve);
-        worker.ref();
-        worker.postMessage({ id, clusterSize, sources });
-      }).finally(() => {
-        if (pending.size === 0) worker.unref();
-      }) as Promise<Array<Uint8Array | null>>;
-    },
-  };
-  return shared;
+
+  /**
+   * Run `op` over `items` in pieces of `perPiece` items; each result is the output bytes or a code
+   * the caller resolves on its own thread. `clusterSize`: deflate keeps outputs shorter than it;
+   * inflate fills exactly it. `buffers` hold the outputs; `recycle` them when done with those.
+   */
+  run(op: "deflate" | "inflate", items: Uint8Array[], clusterSize: number, perPiece: number): Promise<{ outs: Item[]; buffers: ArrayBuffer[] }> {
+    const outs: Item[] = new Array<Item>(items.length);
+    const buffers: ArrayBuffer[] = [];
+    const pieces: Promise<void>[] = [];
+    for (let start = 0; start < items.length; ) {
+      const end = Math.min(items.length, start + perPiece);
+      const from = start;
+      pieces.push(
+        new Promise<void>((resolve) => {
+          this.queue.push({
+            op,
+            clusterSize,
+            items: items.slice(from, end),
+            done: (results, buffer) => {
+              results.forEach((r, k) => (outs[from + k] = r));
+              if (buffer) buffers.push(buffer);
+              resolve();
+            },
+          });
+        }),
+      );
+      start = end;
+    }
+    this.pump();
+    return Promise.all(pieces).then(() => ({ outs, buffers }));
+  }
+
+  /** Output buffers the caller is done with: the workers fill them again. */
+  recycle(buffers: ArrayBuffer[]): void {
+    for (const b of buffers) if (this.spares.length < MAX_SPARES) this.spares.push(b);
+  }
+
+  /** Hand queued pieces to the workers with room for them. */
+  private pump(): void {
+    for (;;) {
+      if (this.queue.length === 0) return;
+      let target: PoolWorker | undefined;
+      for (const w of this.workers) if (w.busy.size < PIECES_PER_WORKER && (!target || w.busy.size < target.busy.size)) target = w;
+      if (!target) return;
+      const piece = this.queue.shift()!;
+      const id = this.nextId++;
+      let total = 0;
+      for (const item of piece.items) total += item.length;
+      const input = new Uint8Array(total);
+      let pos = 0;
+      for (const item of piece.items) {
+        input.set(item, pos);
+        pos += item.length;
+      }
+      const message: ZlibPiece = { id, op: piece.op, clusterSize: piece.clusterSize, input: input.buffer, lengths: piece.items.map((i) => i.length) };
+      const transfer = [input.buffer];
+      const spare = piece.op === "inflate" ? this.spares.pop() : undefined;
+      if (spare) {
+        message.spare = spare;
+        transfer.push(spare);
+      }
+      if (target.busy.size === 0) target.worker.ref();
+      target.busy.set(id, piece);
+      target.worker.postMessage(message, transfer);
+    }
+  }
+
+  private finish(entry: PoolWorker, reply: ZlibReply): void {
+    const piece = entry.busy.get(reply.id);
+    if (!piece) return;
+    entry.busy.delete(reply.id);
+    if (entry.busy.size === 0) entry.worker.unref();
+    const output = new Uint8Array(reply.output);
+    const outs: Item[] = [];
+    let pos = 0;
+    for (const n of reply.lengths) {
+      if (n < 0) outs.push(n);
+      else {
+        outs.push(output.subarray(pos, pos + n));
+        pos += n;
+      }
+    }
+    piece.done(outs, reply.output);
+    this.pump();
+  }
+
+  /** A worker that fails or exits: its pieces are done on the calling thread; the rest carry on. */
+  private lose(entry: PoolWorker): void {
+    const index = this.workers.indexOf(entry);
+    if (index < 0) return;
+    this.workers.splice(index, 1);
+    for (const piece of entry.busy.values()) piece.done(piece.items.map(() => ITEM_TOO_LONG));
+    entry.busy.clear();
+    if (this.workers.length === 0) {
+      for (const piece of this.queue.splice(0)) piece.done(piece.items.map(() => ITEM_TOO_LONG));
+    }
+    this.pump();
+  }
+}
+
+let shared: ZlibPool | null | undefined;
+
+/** The process's pool, started on first use: one worker per core, none on a single core. */
+function zlibPool(): ZlibPool | undefined {
+  if (shared === undefined) {
+    const script = new URL("./zlib-worker.js", import.meta.url);
+    const cores = os.availableParallelism();
+    // No worker script beside this module when running from the TypeScript sources.
+    shared = cores >= 2 && script.protocol === "file:" && existsSync(fileURLToPath(script)) ? new ZlibPool(script, Math.min(cores, 8)) : null;
+  }
+  return shared && shared.size > 0 ? shared : undefined;
 }

@@ -174,6 +174,8 @@ export class Qcow2Image implements GuestDevice {
   private readonly lookupFlags: number;
   private inflater: ClusterInflater | undefined;
   private deflater: ClusterDeflater | undefined;
+  /** Settles when every writeCompressed issued so far has placed its clusters (call order). */
+  private compressedWrites: Promise<void> = Promise.resolve();
   private readonly scratch: Uint8Array[] = [];
   /** The last cluster inflated, for reads that take a compressed cluster piece by piece. */
   private inflated: { hostOffset: number; data: Uint8Array } | undefined;
@@ -591,7 +593,7 @@ export class Qcow2Image implements GuestDevice {
     await this.readRuns(dst, guestOffset, compressed);
     if (compressed.length === 0) return;
     await this.readCompressedStreams(compressed);
-    this.inflater ??= platform.createInflater();
+    this.inflater ??= await platform.createInflater();
     const inflater = this.inflater;
     const ok = inflater.inflateMany
       ? await inflater.inflateMany(compressed)
@@ -740,7 +742,7 @@ export class Qcow2Image implements GuestDevice {
     await readFully(this.backend, src, hostOffset);
     const whole = inCluster === 0 && dst.length === cs;
     const out = whole ? dst : new Uint8Array(cs);
-    this.inflater ??= platform.createInflater();
+    this.inflater ??= await platform.createInflater();
     if (!this.inflater.inflate(src, out)) throw this.badCompressed(hostOffset, compressedSize, guestOffset - inCluster);
     if (!whole) {
       this.inflated = { hostOffset, data: out };
@@ -972,35 +974,54 @@ export class Qcow2Image implements GuestDevice {
     if (guestOffset % cs !== 0 || (end % cs !== 0 && end !== this.header.size)) {
       throw new RangeError(`writeCompressed: range ${guestOffset}+${data.length} is not made of whole ${cs}-byte clusters`);
     }
-    this.deflater ??= platform.createDeflater();
-    const deflater = this.deflater;
-    await this.guarded(() => this.owning(guestOffset, data.length, async () => {
-      // Batches of clusters deflate together off the main thread where the platform can.
-      const batch = deflater.deflateAsync ? 32 * cs : cs;
-      for (let start = 0; start < data.length; start += batch) {
-        const clusters: Uint8Array[] = [];
-        for (let pos = start; pos < Math.min(data.length, start + batch); pos += cs) {
-          let cluster = data.subarray(pos, pos + cs);
-          if (cluster.length < cs) {
-            // The disk's short last cluster: compressed clusters are always whole, zero padded.
-            const padded = new Uint8Array(cs);
-            padded.set(cluster);
-            cluster = padded;
+    // Calls deflate side by side but place their clusters in the file in the order they were made.
+    const previous = this.compressedWrites;
+    let placed!: () => void;
+    const mine = new Promise<void>((resolve) => (placed = resolve));
+    this.compressedWrites = previous.then(() => mine);
+    try {
+      await this.guarded(() => this.owning(guestOffset, data.length, async () => {
+        this.deflater ??= await platform.createDeflater();
+        const deflater = this.deflater;
+        // Batches of clusters deflate together off the main thread where the platform can; the
+        // next batch deflates while this one is written.
+        const batch = deflater.deflateMany || deflater.deflateAsync ? 32 * cs : cs;
+        const deflateBatch = (start: number): Promise<Array<Uint8Array | undefined>> => {
+          const clusters: Uint8Array[] = [];
+          for (let pos = start; pos < Math.min(data.length, start + batch); pos += cs) {
+            let cluster = data.subarray(pos, pos + cs);
+            if (cluster.length < cs) {
+              // The disk's short last cluster: compressed clusters are always whole, zero padded.
+              const padded = new Uint8Array(cs);
+              padded.set(cluster);
+              cluster = padded;
+            }
+            clusters.push(cluster);
           }
-          clusters.push(cluster);
+          // qemu's rule: the stream must fit in cluster_size - 1 bytes.
+          if (deflater.deflateMany) return deflater.deflateMany(clusters, cs);
+          if (deflater.deflateAsync) return Promise.all(clusters.map((c) => deflater.deflateAsync!(c, cs)));
+          return Promise.resolve(clusters.map((c) => deflater.deflate(c, cs)));
+        };
+        let next = deflateBatch(0);
+        for (let start = 0; start < data.length; start += batch) {
+          const packed = await next;
+          if (start + batch < data.length) {
+            next = deflateBatch(start + batch);
+            next.catch(() => undefined); // awaited on the next round
+          }
+          if (start === 0) await previous;
+          for (let k = 0; k < packed.length; k++) {
+            const pos = start + k * cs;
+            const p = packed[k];
+            if (!p) await this.writeOwned(guestOffset + pos, data.subarray(pos, pos + cs));
+            else await this.writeCompressedCluster(guestOffset + pos, p);
+          }
         }
-        // qemu's rule: the stream must fit in cluster_size - 1 bytes.
-        const packed = deflater.deflateAsync
-          ? await Promise.all(clusters.map((c) => deflater.deflateAsync!(c, cs)))
-          : clusters.map((c) => deflater.deflate(c, cs));
-        for (let k = 0; k < clusters.length; k++) {
-          const pos = start + k * cs;
-          const p = packed[k];
-          if (!p) await this.writeOwned(guestOffset + pos, data.subarray(pos, pos + cs));
-          else await this.writeCompressedCluster(guestOffset + pos, p);
-        }
-      }
-    }));
+      }));
+    } finally {
+      placed();
+    }
   }
 
   private async writeCompressedCluster(guestOffset: number, packed: Uint8Array): Promise<void> {
