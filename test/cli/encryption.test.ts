@@ -12,18 +12,8 @@ import { create } from "../../ts/cli/create.js";
 import { map } from "../../ts/cli/map.js";
 import { info } from "../../ts/cli/info.js";
 import { runOurs, runQemuImg } from "../helpers/cli.js";
-import { describeQemu, qemuImg, tempDir } from "../helpers/qemu.js";
+import { describeQemu, qemuCreateEncrypted, qemuImg, tempDir } from "../helpers/qemu.js";
 
-function qemuCreate(args: string[]): void {
-  for (let attempt = 0; ; attempt++) {
-    try {
-      execFileSync("qemu-img", ["create", ...args], { stdio: "pipe" });
-      return;
-    } catch (e) {
-      if (attempt >= 30 || !String((e as { stderr?: Buffer }).stderr).includes("Unable to get accurate CPU usage")) throw e;
-    }
-  }
-}
 
 describeQemu("qcow2-img on encrypted images", { timeout: 120_000 }, () => {
   const dir = tempDir("qcow2-clicrypt-");
@@ -33,8 +23,8 @@ describeQemu("qcow2-img on encrypted images", { timeout: 120_000 }, () => {
   const secret = ["--object", "secret,id=sec0,data=pw"];
 
   beforeAll(() => {
-    qemuCreate(["-q", "-f", "qcow2", ...secret, "-o", "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10", luks, "1M"]);
-    qemuCreate([
+    qemuCreateEncrypted(["-q", "-f", "qcow2", ...secret, "-o", "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10", luks, "1M"]);
+    qemuCreateEncrypted([
       "-q", "-f", "qcow2", ...secret,
       "-o", "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10,encrypt.cipher-alg=aes-128,encrypt.hash-alg=sha1,encrypt.cipher-mode=cbc",
       luks128, "1M",

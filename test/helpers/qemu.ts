@@ -70,3 +70,18 @@ export function randomBytes(rand: () => number, length: number): Uint8Array {
   for (let i = 0; i < length; i++) out[i] = (rand() * 256) | 0;
   return out;
 }
+
+/**
+ * `qemu-img create` of an encrypted image. qemu 7.2's PBKDF2 calibration fails now and then on a
+ * busy machine ("Unable to get accurate CPU usage"): that error alone is retried.
+ */
+export function qemuCreateEncrypted(args: string[]): void {
+  for (let attempt = 0; ; attempt++) {
+    try {
+      execFileSync("qemu-img", ["create", ...args], { stdio: "pipe" });
+      return;
+    } catch (e) {
+      if (attempt >= 30 || !String((e as { stderr?: Buffer }).stderr).includes("Unable to get accurate CPU usage")) throw e;
+    }
+  }
+}

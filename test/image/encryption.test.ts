@@ -8,21 +8,10 @@ import { readFileSync } from "node:fs";
 import path from "node:path";
 import { expect, it } from "vitest";
 import { Qcow2Image, isQcow2Error } from "../../ts/node.js";
-import { describeQemu, qemuImg, rng, tempDir } from "../helpers/qemu.js";
+import { describeQemu, qemuCreateEncrypted, qemuImg, rng, tempDir } from "../helpers/qemu.js";
 
 const SECRET = "s3cr3t passphrase";
 
-/** qemu-img create; qemu 7.2 sometimes fails its PBKDF2 calibration ("Unable to get accurate CPU usage"): retry. */
-function qemuCreate(args: string[]): void {
-  for (let attempt = 0; ; attempt++) {
-    try {
-      execFileSync("qemu-img", ["create", ...args], { stdio: "pipe" });
-      return;
-    } catch (e) {
-      if (attempt >= 30 || !String((e as { stderr?: Buffer }).stderr).includes("Unable to get accurate CPU usage")) throw e;
-    }
-  }
-}
 
 function imageOpts(file: string): string {
   return `driver=qcow2,file.filename=${file},encrypt.key-secret=sec0`;
@@ -60,7 +49,7 @@ describeQemu("encrypted images", { timeout: 120_000 }, () => {
         qemuImg(["create", "-q", "-f", "raw", base, "2M"]);
         execFileSync("qemu-io", ["-f", "raw", "-c", "write -P 0x11 0 2M", base], { stdio: "pipe" });
         const file = path.join(dir, `qemu-${format}-${clusterSize}.qcow2`);
-        qemuCreate([
+        qemuCreateEncrypted([
           "-q", "-f", "qcow2", "--object", `secret,id=sec0,data=${SECRET}`,
           "-o", `encrypt.format=${format},encrypt.key-secret=sec0,cluster_size=${clusterSize}${format === "luks" ? ",encrypt.iter-time=10" : ""}`,
           "-b", base, "-F", "raw", file, "2M",

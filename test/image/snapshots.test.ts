@@ -9,6 +9,7 @@ import { expect, it } from "vitest";
 import { Qcow2Image, isQcow2Error } from "../../ts/node.js";
 import { MemoryBackend } from "../../ts/io/memory.js";
 import { describeQemu, qemuImg, rng, tempDir } from "../helpers/qemu.js";
+import type { QemuSnapshotInfo } from "../../ts/ops/info.js";
 
 function expectClean(file: string, when: string): void {
   const check = JSON.parse(qemuImg(["check", "--output=json", file])) as Record<string, number>;
@@ -28,19 +29,9 @@ function qemuContents(dir: string, file: string, snapshot?: string): Buffer {
   return readFileSync(out);
 }
 
-interface QemuSnapshot {
-  id: string;
-  name: string;
-  "vm-state-size": number;
-  "date-sec": number;
-  "date-nsec": number;
-  "vm-clock-sec": number;
-  "vm-clock-nsec": number;
-  icount?: number;
-}
 
-function qemuSnapshots(file: string): QemuSnapshot[] {
-  const info = JSON.parse(qemuImg(["info", "--output=json", file])) as { snapshots?: QemuSnapshot[] };
+function qemuSnapshots(file: string): QemuSnapshotInfo[] {
+  const info = JSON.parse(qemuImg(["info", "--output=json", file])) as { snapshots?: QemuSnapshotInfo[] };
   return info.snapshots ?? [];
 }
 

@@ -17,6 +17,7 @@ import { NodeFileBackend } from "../io/node-file.js";
 import { Qcow2Image, type OpenOptions } from "../image/qcow2-image.js";
 import type { CreateEncryption } from "../image/create.js";
 import { OptionsError, parseObjects } from "./image-opts.js";
+import { errnoText } from "./errno.js";
 import type { Preallocation } from "../image/create.js";
 import type { GuestDevice } from "../image/device.js";
 import { parseArgs, UsageError } from "./args.js";
@@ -300,25 +301,9 @@ export function isQemuDriver(name: string): boolean {
   return QEMU_DRIVERS.has(name);
 }
 
-/** strerror for the errno codes a file open or truncate can meet. */
+/** strerror for the errno codes a file open or truncate can meet, else the message. */
 export function strerror(cause: unknown): string {
-  const code = findCode(cause);
-  const table: Record<string, string> = {
-    ENOENT: "No such file or directory",
-    EACCES: "Permission denied",
-    EPERM: "Operation not permitted",
-    EISDIR: "Is a directory",
-    ENOTDIR: "Not a directory",
-    EROFS: "Read-only file system",
-    ENOSPC: "No space left on device",
-    EFBIG: "File too large",
-    ELOOP: "Too many levels of symbolic links",
-    ENAMETOOLONG: "File name too long",
-    EINVAL: "Invalid argument",
-    EIO: "Input/output error",
-  };
-  if (code !== undefined && table[code] !== undefined) return table[code];
-  return cause instanceof Error ? cause.message : String(cause);
+  return errnoText(cause) ?? (cause instanceof Error ? cause.message : String(cause));
 }
 
 function findCode(cause: unknown): string | undefined {

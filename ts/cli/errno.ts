@@ -15,6 +15,9 @@ const ERRNO_TEXT: Record<string, string> = {
   EFBIG: "File too large",
   EIO: "Input/output error",
   ENAMETOOLONG: "File name too long",
+  ELOOP: "Too many levels of symbolic links",
+  ETXTBSY: "Text file busy",
+  EINVAL: "Invalid argument",
 };
 
 /** strerror's words for the system error somewhere in `e`'s cause chain, if there is one. */

@@ -15,6 +15,7 @@ import { Qcow2Image } from "../image/qcow2-image.js";
 import { formatMapHumanRow, MAP_HUMAN_HEADER, mapEntries, mapEntryJson, type MapEntry } from "../ops/map.js";
 import { parseArgs, UsageError } from "./args.js";
 import { openDevice } from "./open.js";
+import { errnoText } from "./errno.js";
 import { imageSource, OptionsError, requireSecret, type ImageSource } from "./image-opts.js";
 import { cvtnum } from "./options.js";
 
@@ -37,28 +38,14 @@ export function resolveFormat(value: string | undefined): "qcow2" | "raw" | unde
   throw new Qcow2Error(Qcow2ErrorCode.NOT_SUPPORTED, `Unknown driver '${value}'`);
 }
 
-const ERRNO_TEXT: Record<string, string> = {
-  ENOENT: "No such file or directory",
-  EACCES: "Permission denied",
-  EPERM: "Operation not permitted",
-  EISDIR: "Is a directory",
-  ENOTDIR: "Not a directory",
-  ELOOP: "Too many levels of symbolic links",
-  EROFS: "Read-only file system",
-  ETXTBSY: "Text file busy",
-  ENAMETOOLONG: "File name too long",
-  EIO: "Input/output error",
-};
 
 /** qemu's "Could not open 'F': ..." for an error met while opening `file`. */
 export function describeOpenError(file: string, e: unknown): string {
   if ((e as NodeJS.ErrnoException).code === "NOT_REGULAR") return `Could not open '${file}': 'file' driver requires '${file}' to be a regular file`;
   if (!(e instanceof Qcow2Error) || e.code === Qcow2ErrorCode.IO_ERROR) {
     // The system's reason, as file-posix words it, wherever it sits in the cause chain.
-    for (let c: unknown = e; c instanceof Error; c = c.cause) {
-      const text = ERRNO_TEXT[String((c as NodeJS.ErrnoException).code)];
-      if (text !== undefined) return `Could not open '${file}': Could not open '${file}': ${text}`;
-    }
+    const text = errnoText(e);
+    if (text !== undefined) return `Could not open '${file}': Could not open '${file}': ${text}`;
   }
   if (e instanceof Qcow2Error && e.code === Qcow2ErrorCode.BAD_MAGIC) return `Could not open '${file}': Image is not in qcow2 format`;
   return `Could not open '${file}': ${e instanceof Error ? e.message : String(e)}`;
