@@ -6,8 +6,9 @@ import path from "node:path";
 import { beforeAll, expect, it } from "vitest";
 import { check } from "../../ts/cli/check.js";
 import { compare } from "../../ts/cli/compare.js";
+import { snapshot } from "../../ts/cli/snapshot.js";
 import { convert } from "../../ts/cli/convert.js";
-import { readFileSync } from "node:fs";
+import { copyFileSync, readFileSync } from "node:fs";
 import { create } from "../../ts/cli/create.js";
 import { map } from "../../ts/cli/map.js";
 import { info } from "../../ts/cli/info.js";
@@ -194,6 +195,31 @@ describeQemu("qcow2-img on encrypted images", { timeout: 120_000 }, () => {
       expect(Buffer.compare(readFileSync(back), readFileSync(plain))).toBe(0);
       const check = JSON.parse(execFileSync("qemu-img", ["check", ...secret, "--image-opts", opts(target), "--output=json"], { encoding: "utf8" })) as Record<string, number>;
       expect({ corruptions: check.corruptions ?? 0, leaks: check.leaks ?? 0 }).toEqual({ corruptions: 0, leaks: 0 });
+    }
+  });
+
+  it("snapshot works on encrypted images through --image-opts, as qemu-img snapshot", async () => {
+    const opts = (file: string): string => `driver=qcow2,file.filename=${file},encrypt.key-secret=sec0`;
+    const a = path.join(dir, "snap-ours.qcow2");
+    const b = path.join(dir, "snap-qemu.qcow2");
+    qemuImg(["create", "-q", "-f", "qcow2", ...secret, "-o", "encrypt.format=aes,encrypt.key-secret=sec0", a, "1M"]);
+    execFileSync("qemu-io", [...secret, "--image-opts", opts(a), "-c", "write -P 3 0 100k"], { stdio: "pipe" });
+    copyFileSync(a, b);
+    for (const step of [["-c", "s1"], ["-l"], ["-a", "s1"], ["-d", "s1"], ["-l"]]) {
+      const ours = await runOurs(snapshot, [...secret, "--image-opts", ...step, opts(a)]);
+      const theirs = runQemuImg("snapshot", [...secret, "--image-opts", ...step, opts(b)]);
+      const norm = (t: string): string => t.replace(/\d{4}-\d\d-\d\d \d\d:\d\d:\d\d/g, "DATE");
+      expect({ step, status: ours.status, stdout: norm(ours.stdout), stderr: ours.stderr.replaceAll(a, "F") }).toEqual({
+        step,
+        status: theirs.status,
+        stdout: norm(theirs.stdout),
+        stderr: theirs.stderr.replaceAll(b, "F"),
+      });
+    }
+    for (const args of [["-l", a], ["-c", "x", a]]) {
+      const ours = await runOurs(snapshot, args);
+      const theirs = runQemuImg("snapshot", args.map((x) => (x === a ? b : x)));
+      expect({ args, status: ours.status, stderr: ours.stderr.replaceAll(a, "F") }).toEqual({ args, status: theirs.status, stderr: theirs.stderr.replaceAll(b, "F") });
     }
   });
 });

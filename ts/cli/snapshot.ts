@@ -12,6 +12,7 @@ import { formatSnapshotList, qemuSnapshotInfo } from "../ops/info.js";
 import { UsageError } from "./args.js";
 import { qemuGetopt } from "./getopt.js";
 import { describeOpenError, probeFormat } from "./map.js";
+import { imageSource, OptionsError, requireSecret, type ImageSource } from "./image-opts.js";
 
 export const SNAPSHOT_USAGE = "snapshot [--object objectdef] [--image-opts] [-U] [-q] [-l | -a snapshot | -c snapshot | -d snapshot] filename";
 
@@ -43,6 +44,8 @@ export async function snapshot(argv: string[], out: (text: string) => void, err:
     { name: "force-share", hasArg: false, short: "U" },
   ]);
   let action: Action | undefined;
+  const objects: string[] = [];
+  let imageOpts = false;
   for (const { name, value } of parsed.options) {
     switch (name) {
       case "h":
@@ -60,21 +63,31 @@ export async function snapshot(argv: string[], out: (text: string) => void, err:
         // Nothing to be quiet about; snapshots never share the image with a VM here.
         break;
       case "object":
+        objects.push(value!);
+        break;
       case "image-opts":
-        err(`qcow2-img: --${name} is not supported yet\n`);
-        return 1;
+        imageOpts = true;
+        break;
     }
   }
   if (parsed.error) throw parsed.error;
   if (parsed.positional.length !== 1) throw new UsageError("Expecting one image file name");
-  const file = parsed.positional[0]!;
   const writable = action !== undefined && action.kind !== "list";
+  let source: ImageSource;
+  try {
+    source = await imageSource(parsed.positional[0]!, { objects, imageOpts, format: undefined });
+  } catch (e) {
+    if (!(e instanceof OptionsError)) throw e;
+    err(`qcow2-img: ${e.message}\n`);
+    return 1;
+  }
+  const file = source.file;
 
   let format: "qcow2" | "raw";
   try {
-    format = await probeFormat(file, writable);
+    format = source.format ?? (await probeFormat(file, writable));
   } catch (e) {
-    err(`qcow2-img: ${describeOpenError(file, e)}\n`);
+    err(`qcow2-img: ${describeOpenError(source.name, e)}\n`);
     return 1;
   }
   if (format === "raw") {
@@ -104,9 +117,17 @@ export async function snapshot(argv: string[], out: (text: string) => void, err:
   try {
     const backend = await NodeFileBackend.open(file, { readOnly: !writable });
     // Like qemu-img, which opens the image with its backing chain; snapshots never need it.
-    image = await Qcow2Image.open(backend, { readOnly: !writable, backing: "none" });
+    image = await Qcow2Image.open(backend, { readOnly: !writable, backing: "none", ...(source.passphrase ? { passphrase: source.passphrase } : {}) });
   } catch (e) {
-    err(`qcow2-img: ${describeOpenError(file, e)}\n`);
+    err(`qcow2-img: ${describeOpenError(source.name, e)}\n`);
+    return 1;
+  }
+  try {
+    // qemu opens an encrypted image only with its secret, even to list its snapshots.
+    requireSecret(source, image.header.cryptMethod);
+  } catch (e) {
+    await image.close();
+    err(`qcow2-img: ${(e as Error).message}\n`);
     return 1;
   }
   let status = 0;
