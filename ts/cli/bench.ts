@@ -142,7 +142,7 @@ export async function bench(argv: string[], out: (text: string) => void, err: (t
         drainOnFlush = false;
         break;
       case "image-opts":
-        return fail(err, "--image-opts is not supported by qcow2-img");
+        return fail(err, "--image-opts is not supported yet by 'bench'");
       default: // -q, -U: nothing to change here
         break;
     }

@@ -65,10 +65,10 @@ export async function commit(argv: string[], out: (text: string) => void, err: (
         break;
       }
       case "object":
-        err("qcow2-img: --object is not supported by qcow2-img\n");
+        err("qcow2-img: --object is not supported yet by 'commit'\n");
         return 1;
       case "image-opts":
-        err("qcow2-img: --image-opts is not supported by qcow2-img\n");
+        err("qcow2-img: --image-opts is not supported yet by 'commit'\n");
         return 1;
     }
   }

@@ -62,10 +62,10 @@ export async function dd(argv: string[], out: (text: string) => void, err: (text
         forceShare = true;
         break;
       case "object":
-        err("qcow2-img: --object is not supported by qcow2-img\n");
+        err("qcow2-img: --object is not supported yet by 'dd'\n");
         return 1;
       case "image-opts":
-        err("qcow2-img: --image-opts is not supported by qcow2-img\n");
+        err("qcow2-img: --image-opts is not supported yet by 'dd'\n");
         return 1;
     }
   }

@@ -86,10 +86,10 @@ export async function rebase(argv: string[], out: (text: string) => void, err: (
         quiet = true;
         break;
       case "object":
-        err("qcow2-img: --object is not supported by qcow2-img\n");
+        err("qcow2-img: --object is not supported yet by 'rebase'\n");
         return 1;
       case "image-opts":
-        err("qcow2-img: --image-opts is not supported by qcow2-img\n");
+        err("qcow2-img: --image-opts is not supported yet by 'rebase'\n");
         return 1;
       default: // -U: no locks to share here
         break;
