@@ -7,6 +7,7 @@ import { beforeAll, expect, it } from "vitest";
 import { check } from "../../ts/cli/check.js";
 import { compare } from "../../ts/cli/compare.js";
 import { snapshot } from "../../ts/cli/snapshot.js";
+import { resize } from "../../ts/cli/resize.js";
 import { convert } from "../../ts/cli/convert.js";
 import { copyFileSync, readFileSync } from "node:fs";
 import { create } from "../../ts/cli/create.js";
@@ -221,5 +222,31 @@ describeQemu("qcow2-img on encrypted images", { timeout: 120_000 }, () => {
       const theirs = runQemuImg("snapshot", args.map((x) => (x === a ? b : x)));
       expect({ args, status: ours.status, stderr: ours.stderr.replaceAll(a, "F") }).toEqual({ args, status: theirs.status, stderr: theirs.stderr.replaceAll(b, "F") });
     }
+  });
+
+  it("resize grows and shrinks encrypted images through --image-opts, as qemu-img resize", async () => {
+    const opts = (file: string): string => `driver=qcow2,file.filename=${file},encrypt.key-secret=sec0`;
+    for (const format of ["aes", "luks"]) {
+      const a = path.join(dir, `resize-ours-${format}.qcow2`);
+      const b = path.join(dir, `resize-qemu-${format}.qcow2`);
+      qemuCreateEncrypted(["-q", "-f", "qcow2", ...secret, "-o", `encrypt.format=${format},encrypt.key-secret=sec0,cluster_size=4096${format === "luks" ? ",encrypt.iter-time=10" : ""}`, a, "1000k"]);
+      execFileSync("qemu-io", [...secret, "--image-opts", opts(a), "-c", "write -P 5 0 1000k"], { stdio: "pipe" });
+      copyFileSync(a, b);
+      for (const size of ["+1M", "--shrink 1500k", "3001k"]) {
+        const extra = size.split(" ");
+        const ours = await runOurs(resize, [...secret, "--image-opts", ...extra.slice(0, -1), opts(a), extra.at(-1)!]);
+        const theirs = runQemuImg("resize", [...secret, "--image-opts", ...extra.slice(0, -1), opts(b), extra.at(-1)!]);
+        expect({ format, size, ...ours }).toEqual({ format, size, ...theirs });
+        const read = (f: string): Buffer => {
+          const out = path.join(dir, "resize-read.raw");
+          qemuImg(["convert", ...secret, "--image-opts", opts(f), "-O", "raw", out]);
+          return readFileSync(out);
+        };
+        expect({ format, size, same: Buffer.compare(read(a), read(b)) === 0 }).toEqual({ format, size, same: true });
+      }
+    }
+    const plainArgs = [path.join(dir, "resize-ours-aes.qcow2"), "+1M"];
+    const ours = await runOurs(resize, plainArgs);
+    expect(ours).toEqual(runQemuImg("resize", plainArgs));
   });
 });

@@ -10,6 +10,7 @@ import { Qcow2Image } from "../image/qcow2-image.js";
 import { parseArgs, UsageError } from "./args.js";
 import { describeOpenError, probeFormat, resolveFormat } from "./map.js";
 import { strtosz } from "./options.js";
+import { imageSource, OptionsError, requireSecret, type ImageSource } from "./image-opts.js";
 
 export const RESIZE_USAGE = "resize [-f fmt] [--preallocation=prealloc] [-q] [--shrink] filename [+ | -]size";
 
@@ -30,8 +31,8 @@ export async function resize(argv: string[], out: (text: string) => void, err: (
   if (argv.length < 2) throw new UsageError("Not enough arguments");
   let sizeText = argv[argv.length - 1]!;
   const args = parseArgs(argv.slice(0, -1), {
-    withValue: ["-f", "--preallocation"],
-    flags: ["-q", "--shrink", "-h", "--help"],
+    withValue: ["-f", "--preallocation", "--object"],
+    flags: ["-q", "--shrink", "--image-opts", "-h", "--help"],
   });
   if (args.flags.has("-h") || args.flags.has("--help")) {
     out(`usage: qcow2-img ${RESIZE_USAGE}\n`);
@@ -47,7 +48,16 @@ export async function resize(argv: string[], out: (text: string) => void, err: (
     prealloc = preallocArg as Prealloc;
   }
   if (args.positional.length !== 1) throw new UsageError("Expecting image file name and size");
-  const file = args.positional[0]!;
+  let source: ImageSource;
+  try {
+    source = await imageSource(args.positional[0]!, { objects: args.all.get("--object") ?? [], imageOpts: args.flags.has("--image-opts"), format: undefined });
+    if (args.flags.has("--image-opts") && args.values.get("-f") !== undefined) throw new OptionsError("--image-opts and --format are mutually exclusive");
+  } catch (e) {
+    if (!(e instanceof OptionsError)) throw e;
+    err(`qcow2-img: ${e.message}\n`);
+    return 1;
+  }
+  const file = source.file;
   const quiet = args.flags.has("-q");
   const shrink = args.flags.has("--shrink");
 
@@ -72,19 +82,19 @@ export async function resize(argv: string[], out: (text: string) => void, err: (
 
   let format: "qcow2" | "raw";
   try {
-    format = resolveFormat(args.values.get("-f")) ?? (await probeFormat(file, true));
+    format = source.format ?? resolveFormat(args.values.get("-f")) ?? (await probeFormat(file, true));
   } catch (e) {
     err(`qcow2-img: ${describeOpenError(file, e)}\n`);
     return 1;
   }
-  if (args.values.get("-f") === undefined && format === "raw") {
+  if (args.values.get("-f") === undefined && source.format === undefined && format === "raw") {
     err(
       `WARNING: Image format was not specified for '${file}' and probing guessed raw.\n` +
         "         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n" +
         "         Specify the 'raw' format explicitly to remove the restrictions.\n",
     );
   }
-  const target = format === "raw" ? await openRaw(file, err) : await openQcow2(file, err);
+  const target = format === "raw" ? await openRaw(file, err) : await openQcow2(source, err);
   if (!target) return 1;
   let code = 1;
   try {
@@ -186,12 +196,19 @@ async function openRaw(file: string, err: (t: string) => void): Promise<ResizeTa
   };
 }
 
-async function openQcow2(file: string, err: (t: string) => void): Promise<ResizeTarget | undefined> {
+async function openQcow2(source: ImageSource, err: (t: string) => void): Promise<ResizeTarget | undefined> {
   let image: Qcow2Image;
   try {
-    image = await Qcow2Image.open(file, { readOnly: false });
+    image = await Qcow2Image.open(source.file, { readOnly: false, ...(source.passphrase ? { passphrase: source.passphrase } : {}) });
   } catch (e) {
-    err(`qcow2-img: ${describeOpenError(file, e)}\n`);
+    err(`qcow2-img: ${describeOpenError(source.name, e)}\n`);
+    return undefined;
+  }
+  try {
+    requireSecret(source, image.header.cryptMethod);
+  } catch (e) {
+    await image.close();
+    err(`qcow2-img: ${(e as Error).message}\n`);
     return undefined;
   }
   const header = image.header;
