@@ -15,6 +15,8 @@ import type { GuestDevice } from "../image/device.js";
 import { Qcow2Image } from "../image/qcow2-image.js";
 import { parseArgs } from "./args.js";
 import { parseSnapshotParam, type SnapshotParam } from "./snapshot-param.js";
+import { luksAreaLength } from "../format/luks.js";
+import { OptionsError, parseObjects } from "./image-opts.js";
 import { Qcow2ErrorCode, isQcow2Error } from "../errors.js";
 import {
   clusterSizeError,
@@ -88,6 +90,15 @@ export function measureRaw(options: OptionSet, source: GuestDevice | undefined):
 }
 
 /** block/qcow2.c qcow2_measure. */
+/** The clusters a LUKS area of the -o encrypt.* options takes (0 without LUKS). */
+function luksPayloadSize(options: OptionSet, clusterSize: bigint): bigint {
+  if (options.get("encrypt.format")?.text !== "luks") return 0n;
+  const aes256 = (options.get("encrypt.cipher-alg")?.text ?? "aes-256") === "aes-256";
+  const xts = (options.get("encrypt.cipher-mode")?.text ?? "xts") === "xts";
+  const keyBytes = (aes256 ? 32 : 16) * (xts ? 2 : 1);
+  return roundUp(BigInt(luksAreaLength(keyBytes)), clusterSize);
+}
+
 export async function measureQcow2(options: OptionSet, source: GuestDevice | undefined): Promise<MeasureInfo> {
   const extendedL2 = options.get("extended_l2")?.value === true;
   const clusterSize = (options.get("cluster_size")?.value as bigint | undefined) ?? 65536n;
@@ -107,7 +118,10 @@ export async function measureQcow2(options: OptionSet, source: GuestDevice | und
   const prealloc = options.get("preallocation")?.text ?? "off";
   if (!["off", "metadata", "falloc", "full"].includes(prealloc)) throw new MeasureFailure(`invalid parameter value: ${prealloc}`);
   const hasBackingFile = options.has("backing_file");
-  if (options.get("encrypt.format")?.text === "luks") throw new MeasureFailure("Option 'encrypt.format=luks' is not supported yet");
+  if (options.get("encrypt.format")?.text === "luks" && !options.has("encrypt.key-secret")) {
+    // qemu sizes the LUKS area through qcrypto_block_calculate_payload_offset, which wants the secret named.
+    throw new MeasureFailure("Parameter 'encrypt.key-secret' is required for cipher");
+  }
 
   let virtualSize = roundUp((options.get("size")?.value as bigint | undefined) ?? 0n, clusterSize);
   const l2eSize = extendedL2 ? 16n : 8n;
@@ -127,7 +141,9 @@ export async function measureQcow2(options: OptionSet, source: GuestDevice | und
 
   const refcountOrder = refcountBits.toString(2).length - 1;
   const fullyAllocated = qcow2PreallocSize(virtualSize, clusterSize, refcountOrder, extendedL2);
-  const info: MeasureInfo = { required: fullyAllocated - virtualSize + required, fullyAllocated };
+  // qcow2_measure: a LUKS image also holds its key slots, in whole clusters.
+  const luks = luksPayloadSize(options, clusterSize);
+  const info: MeasureInfo = { required: fullyAllocated + luks - virtualSize + required, fullyAllocated: fullyAllocated + luks };
   if (version >= 3 && source instanceof Qcow2Image && source.header.version >= 3) {
     info.bitmaps = await persistentBitmapsSize(source, clusterSize);
   }
@@ -376,7 +392,7 @@ export function formatMeasureJson(info: MeasureInfo): string {
 
 export async function measure(argv: string[], out: (text: string) => void, err: (text: string) => void): Promise<number> {
   const args = parseArgs(argv, {
-    withValue: ["-f", "-O", "-o", "-l", "--output", "--size"],
+    withValue: ["-f", "-O", "-o", "-l", "--output", "--size", "--object"],
     flags: ["-U", "--force-share", "-h", "--help"],
   });
   if (args.flags.has("-h") || args.flags.has("--help")) {
@@ -387,6 +403,13 @@ export async function measure(argv: string[], out: (text: string) => void, err: 
     err(reportLines(message));
     return 1;
   };
+  let secrets: Map<string, Uint8Array>;
+  try {
+    secrets = await parseObjects(args.all.get("--object") ?? []);
+  } catch (e) {
+    if (!(e instanceof OptionsError)) throw e;
+    return fail(e.message);
+  }
   for (const o of args.all.get("-o") ?? []) if (!isValidOptionList(o)) return fail(`Invalid option list: ${o}`);
   const output = args.values.get("--output") ?? "human";
   if (output !== "human" && output !== "json") return fail("--output must be used with human or json as argument.");
@@ -449,6 +472,8 @@ export async function measure(argv: string[], out: (text: string) => void, err: 
       return fail(`Invalid options for file format '${outFmt}'`);
     }
     if (size !== undefined) options.set("size", { text: String(size), value: size });
+    const keySecret = options.get("encrypt.key-secret")?.text;
+    if (options.get("encrypt.format")?.text === "luks" && keySecret !== undefined && !secrets.has(keySecret)) return fail(`No secret with id '${keySecret}'`);
     let info: MeasureInfo;
     try {
       info = outFmt === "raw" ? measureRaw(options, source) : await measureQcow2(options, source);

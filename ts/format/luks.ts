@@ -186,6 +186,11 @@ function fixedString(bytes: Uint8Array, field: string): string {
 }
 
 /** Sectors one key slot's material occupies, aligned as cryptsetup and qemu align it. */
+/** Bytes of the LUKS area qemu creates for a `keyBytes`-byte master key (header, 8 slots of 4000 stripes). */
+export function luksAreaLength(keyBytes: number): number {
+  return (LUKS_KEY_SLOT_OFFSET / LUKS_SECTOR_SIZE + LUKS_NUM_KEY_SLOTS * splitKeySectors(keyBytes, LUKS_STRIPES)) * LUKS_SECTOR_SIZE;
+}
+
 function splitKeySectors(keyBytes: number, stripes: number): number {
   const headerSectors = LUKS_KEY_SLOT_OFFSET / LUKS_SECTOR_SIZE;
   const sectors = Math.ceil((keyBytes * stripes) / LUKS_SECTOR_SIZE);
