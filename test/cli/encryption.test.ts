@@ -8,6 +8,7 @@ import { check } from "../../ts/cli/check.js";
 import { compare } from "../../ts/cli/compare.js";
 import { snapshot } from "../../ts/cli/snapshot.js";
 import { resize } from "../../ts/cli/resize.js";
+import { dd } from "../../ts/cli/dd.js";
 import { convert } from "../../ts/cli/convert.js";
 import { copyFileSync, readFileSync } from "node:fs";
 import { create } from "../../ts/cli/create.js";
@@ -248,5 +249,25 @@ describeQemu("qcow2-img on encrypted images", { timeout: 120_000 }, () => {
     const plainArgs = [path.join(dir, "resize-ours-aes.qcow2"), "+1M"];
     const ours = await runOurs(resize, plainArgs);
     expect(ours).toEqual(runQemuImg("resize", plainArgs));
+  });
+
+  it("dd reads an encrypted input through --image-opts, as qemu-img dd", async () => {
+    const opts = `driver=qcow2,file.filename=${luks},encrypt.key-secret=sec0`;
+    const cases: Array<(out: string) => string[]> = [
+      (o) => [...secret, "--image-opts", `if=${opts}`, `of=${o}`, "bs=64k", "count=3", "-O", "raw"],
+      (o) => [...secret, "--image-opts", `if=${opts}`, `of=${o}`, "bs=4k", "skip=5", "-O", "qcow2"],
+      (o) => [`if=${luks}`, `of=${o}`],
+      (o) => ["--object", "secret,id=sec0,data=wrong", "--image-opts", `if=${opts}`, `of=${o}`],
+    ];
+    let n = 0;
+    for (const make of cases) {
+      const a = path.join(dir, `dd-ours-${n}.img`);
+      const b = path.join(dir, `dd-qemu-${n++}.img`);
+      const ours = await runOurs(dd, make(a));
+      const theirs = runQemuImg("dd", make(b));
+      const norm = (t: string, f: string): string => t.replaceAll(f, "F");
+      expect({ n, status: ours.status, stdout: ours.stdout, stderr: norm(ours.stderr, a) }).toEqual({ n, status: theirs.status, stdout: theirs.stdout, stderr: norm(theirs.stderr, b) });
+      if (theirs.status === 0) expect({ n, same: qemuImg(["compare", a, b]).includes("identical") }).toEqual({ n, same: true });
+    }
   });
 });

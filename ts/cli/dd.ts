@@ -16,6 +16,8 @@ import { describeOpenError, ImageView } from "./map.js";
 import { cvtnumFull } from "./options.js";
 import { errnoText, strerror } from "./errno.js";
 import { localPath } from "./protocol.js";
+import { imageSource, OptionsError, requireSecret, type ImageSource } from "./image-opts.js";
+import { Qcow2Image } from "../image/qcow2-image.js";
 
 export const DD_USAGE =
   "dd [--image-opts] [-U] [-f fmt] [-O output_fmt] [bs=block_size] [count=blocks] [skip=blocks] if=input of=output";
@@ -46,6 +48,8 @@ export async function dd(argv: string[], out: (text: string) => void, err: (text
   let outFormat = "raw";
   let fmt: string | undefined;
   let forceShare = false;
+  const objects: string[] = [];
+  let imageOpts = false;
   const parsed = qemuGetopt("dd", argv, "hf:O:U", LONG_OPTIONS);
   for (const { name, value } of parsed.options) {
     switch (name) {
@@ -62,11 +66,11 @@ export async function dd(argv: string[], out: (text: string) => void, err: (text
         forceShare = true;
         break;
       case "object":
-        err("qcow2-img: --object is not supported yet by 'dd'\n");
-        return 1;
+        objects.push(value!);
+        break;
       case "image-opts":
-        err("qcow2-img: --image-opts is not supported yet by 'dd'\n");
-        return 1;
+        imageOpts = true;
+        break;
     }
   }
   if (parsed.error) throw parsed.error;
@@ -104,7 +108,17 @@ export async function dd(argv: string[], out: (text: string) => void, err: (text
     return 1;
   }
 
-  const inPath = localPath(input, true);
+  // With --image-opts the input (only) is an option string naming the file and its secret.
+  let inSource: ImageSource;
+  try {
+    inSource = await imageSource(input, { objects, imageOpts, format: undefined });
+    if (imageOpts && fmt !== undefined) throw new OptionsError("--image-opts and --format are mutually exclusive");
+  } catch (e) {
+    if (!(e instanceof OptionsError)) throw e;
+    err(`qcow2-img: ${e.message}\n`);
+    return 1;
+  }
+  const inPath = localPath(inSource.file, true);
   if (!inPath.ok) {
     err(`qcow2-img: ${inPath.message}\n`);
     return 1;
@@ -115,7 +129,16 @@ export async function dd(argv: string[], out: (text: string) => void, err: (text
   }
   let source: ImageView;
   try {
-    source = await ImageView.open(inPath.path, fmt, { rawHoles: false });
+    source = await ImageView.open(inPath.path, inSource.format ?? fmt, { rawHoles: false, ...(inSource.passphrase ? { passphrase: inSource.passphrase } : {}) });
+    if (source.top instanceof Qcow2Image) {
+      try {
+        requireSecret({ ...inSource, name: input === inSource.file ? input : inSource.name }, source.top.header.cryptMethod);
+      } catch (e) {
+        await source.close();
+        err(`qcow2-img: ${(e as Error).message}\n`);
+        return 1;
+      }
+    }
   } catch (e) {
     err(`qcow2-img: ${describeOpenError(inPath.path, e).replace(`Could not open '${inPath.path}'`, `Could not open '${input}'`)}\n`);
     return 1;
