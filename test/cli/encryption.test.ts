@@ -9,6 +9,7 @@ import { compare } from "../../ts/cli/compare.js";
 import { snapshot } from "../../ts/cli/snapshot.js";
 import { resize } from "../../ts/cli/resize.js";
 import { dd } from "../../ts/cli/dd.js";
+import { bench } from "../../ts/cli/bench.js";
 import { convert } from "../../ts/cli/convert.js";
 import { copyFileSync, readFileSync } from "node:fs";
 import { create } from "../../ts/cli/create.js";
@@ -268,6 +269,17 @@ describeQemu("qcow2-img on encrypted images", { timeout: 120_000 }, () => {
       const norm = (t: string, f: string): string => t.replaceAll(f, "F");
       expect({ n, status: ours.status, stdout: ours.stdout, stderr: norm(ours.stderr, a) }).toEqual({ n, status: theirs.status, stdout: theirs.stdout, stderr: norm(theirs.stderr, b) });
       if (theirs.status === 0) expect({ n, same: qemuImg(["compare", a, b]).includes("identical") }).toEqual({ n, same: true });
+    }
+  });
+
+  it("bench refuses encrypted images (it takes no --object) and names images by --image-opts, as qemu-img bench", async () => {
+    const plain = path.join(dir, "bench-plain.qcow2");
+    qemuImg(["create", "-q", "-f", "qcow2", plain, "1M"]);
+    for (const args of [["-c", "10", luks], ["-c", "10", "--image-opts", `driver=qcow2,file.filename=${plain}`], ["-c", "10", "--image-opts", "-f", "qcow2", `driver=qcow2,file.filename=${plain}`]]) {
+      const ours = await runOurs(bench, args);
+      const theirs = runQemuImg("bench", args);
+      const first = (t: string): string => t.split("\n")[0]!;
+      expect({ args, status: ours.status, stdout: first(ours.stdout), stderr: ours.stderr }).toEqual({ args, status: theirs.status, stdout: first(theirs.stdout), stderr: theirs.stderr });
     }
   });
 });

@@ -118,4 +118,13 @@ export async function main(argv: string[]): Promise<number> {
   }
 }
 
+// A reader that stops early (qcow2-img map | head) closes the pipe: stop quietly, as qemu-img
+// does when SIGPIPE ends it, instead of a stack trace.
+for (const stream of [process.stdout, process.stderr]) {
+  stream.on("error", (e: NodeJS.ErrnoException) => {
+    if (e.code === "EPIPE") process.exit(process.exitCode ?? 0);
+    throw e;
+  });
+}
+
 process.exitCode = await main(process.argv.slice(2));
