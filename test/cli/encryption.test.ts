@@ -10,6 +10,8 @@ import { snapshot } from "../../ts/cli/snapshot.js";
 import { resize } from "../../ts/cli/resize.js";
 import { dd } from "../../ts/cli/dd.js";
 import { bench } from "../../ts/cli/bench.js";
+import { commit } from "../../ts/cli/commit.js";
+import { rebase } from "../../ts/cli/rebase.js";
 import { convert } from "../../ts/cli/convert.js";
 import { copyFileSync, readFileSync } from "node:fs";
 import { create } from "../../ts/cli/create.js";
@@ -280,6 +282,41 @@ describeQemu("qcow2-img on encrypted images", { timeout: 120_000 }, () => {
       const theirs = runQemuImg("bench", args);
       const first = (t: string): string => t.split("\n")[0]!;
       expect({ args, status: ours.status, stdout: first(ours.stdout), stderr: ours.stderr }).toEqual({ args, status: theirs.status, stdout: first(theirs.stdout), stderr: theirs.stderr });
+    }
+  });
+
+  it("rebase and commit take --object and --image-opts, as qemu-img does", async () => {
+    const make = (tag: string): { base: string; top: string } => {
+      const base = path.join(dir, `rc-base-${tag}.qcow2`);
+      const top = path.join(dir, `rc-top-${tag}.qcow2`);
+      qemuImg(["create", "-q", "-f", "qcow2", base, "1M"]);
+      execFileSync("qemu-io", ["-c", "write -P 1 0 512k", base], { stdio: "pipe" });
+      qemuImg(["create", "-q", "-f", "qcow2", ...secret, "-o", "encrypt.format=aes,encrypt.key-secret=sec0", "-b", base, "-F", "qcow2", top]);
+      execFileSync("qemu-io", [...secret, "--image-opts", `driver=qcow2,file.filename=${top},encrypt.key-secret=sec0`, "-c", "write -P 2 64k 64k"], { stdio: "pipe" });
+      return { base, top };
+    };
+    const steps: Array<{ cmd: "rebase" | "commit"; args: (top: string) => string[] }> = [
+      { cmd: "commit", args: (top) => [top] },
+      { cmd: "commit", args: (top) => [...secret, "--image-opts", `driver=qcow2,file.filename=${top},encrypt.key-secret=sec0`] },
+      { cmd: "rebase", args: (top) => [...secret, "--image-opts", "-u", "-b", "", `driver=qcow2,file.filename=${top},encrypt.key-secret=sec0`] },
+      { cmd: "rebase", args: (top) => ["-u", "-b", "", top] },
+    ];
+    let n = 0;
+    for (const step of steps) {
+      const a = make(`a${n}`);
+      const b = make(`b${n++}`);
+      const ours = await runOurs(step.cmd === "commit" ? commit : rebase, step.args(a.top));
+      const theirs = runQemuImg(step.cmd, step.args(b.top));
+      const norm = (t: string, x: { base: string; top: string }): string => t.replaceAll(x.top, "TOP").replaceAll(x.base, "BASE");
+      expect({ n, status: ours.status, stdout: norm(ours.stdout, a), stderr: norm(ours.stderr, a) }).toEqual({ n, status: theirs.status, stdout: norm(theirs.stdout, b), stderr: norm(theirs.stderr, b) });
+      if (theirs.status === 0) {
+        const read = (f: string): Buffer => {
+          const out = path.join(dir, "rc.raw");
+          qemuImg(["convert", "-O", "raw", f, out]);
+          return readFileSync(out);
+        };
+        expect({ n, base: Buffer.compare(read(a.base), read(b.base)) === 0 }).toEqual({ n, base: true });
+      }
     }
   });
 });

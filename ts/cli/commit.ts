@@ -14,6 +14,7 @@ import { describeImageOpenError, findBackingImage } from "./backing-chain.js";
 import { qemuGetopt, type LongOption } from "./getopt.js";
 import { describeOpenError, probeFormat, resolveFormat } from "./map.js";
 import { CACHE_MODES, cvtnum } from "./options.js";
+import { imageSource, OptionsError, type ImageSource } from "./image-opts.js";
 import { QemuProgress } from "./qemu-progress.js";
 
 export const COMMIT_USAGE = "commit [-q] [-f fmt] [-t cache] [-b base] [-r rate_limit] [-d] [-p] filename";
@@ -27,6 +28,8 @@ const LONG_OPTIONS: LongOption[] = [
 export async function commit(argv: string[], out: (text: string) => void, err: (text: string) => void): Promise<number> {
   const parsed = qemuGetopt("commit", argv, "f:ht:b:dpqr:", LONG_OPTIONS);
   let fmt: string | undefined;
+  const objects: string[] = [];
+  let imageOpts = false;
   let cache = "writeback";
   let base: string | undefined;
   let drop = false;
@@ -65,21 +68,30 @@ export async function commit(argv: string[], out: (text: string) => void, err: (
         break;
       }
       case "object":
-        err("qcow2-img: --object is not supported yet by 'commit'\n");
-        return 1;
+        objects.push(value!);
+        break;
       case "image-opts":
-        err("qcow2-img: --image-opts is not supported yet by 'commit'\n");
-        return 1;
+        imageOpts = true;
+        break;
     }
   }
   if (parsed.error) throw parsed.error;
   if (quiet) progress = false;
   if (parsed.positional.length !== 1) throw new UsageError("Expecting one image file name");
-  const file = parsed.positional[0]!;
   const fail = (message: string): number => {
     err(`qcow2-img: ${message}\n`);
     return 1;
   };
+  let source: ImageSource;
+  try {
+    source = await imageSource(parsed.positional[0]!, { objects, imageOpts, format: undefined });
+    if (imageOpts && fmt !== undefined) throw new OptionsError("--image-opts and --format are mutually exclusive");
+  } catch (e) {
+    if (!(e instanceof OptionsError)) throw e;
+    return fail(e.message);
+  }
+  const file = source.file;
+  fmt = source.format ?? fmt;
   if (!CACHE_MODES.has(cache)) return fail(`Invalid cache option: ${cache}`);
 
   let format: "qcow2" | "raw";
@@ -101,9 +113,13 @@ export async function commit(argv: string[], out: (text: string) => void, err: (
   let image: Qcow2Image | undefined;
   if (format === "qcow2") {
     try {
-      image = await Qcow2Image.open(file, { readOnly: false });
+      image = await Qcow2Image.open(file, { readOnly: false, ...(source.passphrase ? { passphrase: source.passphrase } : {}) });
     } catch (e) {
-      return fail(await describeImageOpenError(file, e));
+      return fail(await describeImageOpenError(source.name, e));
+    }
+    if (image.header.cryptMethod !== 0 && source.passphrase === undefined) {
+      await image.close();
+      return fail(`Could not open '${source.name}': Parameter 'encrypt.key-secret' is required for cipher`);
     }
   }
   const meter = new QemuProgress(progress, out, 1);

@@ -19,6 +19,7 @@ import { describeOpenError, probeFormat, qemuBackingName, resolveFormat } from "
 import { openDevice } from "./open.js";
 import { QemuProgress } from "./qemu-progress.js";
 import { CACHE_MODES } from "./options.js";
+import { imageSource, OptionsError, type ImageSource } from "./image-opts.js";
 
 export const REBASE_USAGE = "rebase [-U] [-q] [-f fmt] [-t cache] [-T src_cache] [-p] [-u] -b backing_file [-F backing_fmt] filename";
 
@@ -38,6 +39,9 @@ const PROBE_WARNING = (file: string): string =>
 
 interface RebaseArgs {
   file: string;
+  /** The image's passphrase (--object secret with --image-opts), and its name in messages. */
+  passphrase?: Uint8Array;
+  name?: string;
   fmt: string | undefined;
   backing: string | undefined;
   backingFmt: string | undefined;
@@ -49,6 +53,8 @@ interface RebaseArgs {
 export async function rebase(argv: string[], out: (text: string) => void, err: (text: string) => void): Promise<number> {
   const parsed = qemuGetopt("rebase", argv, "hf:F:b:upt:T:qU", LONG_OPTIONS);
   let fmt: string | undefined;
+  const objects: string[] = [];
+  let imageOpts = false;
   let backingFmt: string | undefined;
   let backing: string | undefined;
   let unsafe = false;
@@ -86,11 +92,11 @@ export async function rebase(argv: string[], out: (text: string) => void, err: (
         quiet = true;
         break;
       case "object":
-        err("qcow2-img: --object is not supported yet by 'rebase'\n");
-        return 1;
+        objects.push(value!);
+        break;
       case "image-opts":
-        err("qcow2-img: --image-opts is not supported yet by 'rebase'\n");
-        return 1;
+        imageOpts = true;
+        break;
       default: // -U: no locks to share here
         break;
     }
@@ -99,10 +105,33 @@ export async function rebase(argv: string[], out: (text: string) => void, err: (
   if (quiet) progress = false;
   if (parsed.positional.length !== 1) throw new UsageError("Expecting one image file name");
   if (!unsafe && backing === undefined) throw new UsageError("Must specify backing file (-b) or use unsafe mode (-u)");
+  let source: ImageSource;
+  try {
+    source = await imageSource(parsed.positional[0]!, { objects, imageOpts, format: undefined });
+    if (imageOpts && fmt !== undefined) throw new OptionsError("--image-opts and --format are mutually exclusive");
+  } catch (e) {
+    if (!(e instanceof OptionsError)) throw e;
+    err(`qcow2-img: ${e.message}\n`);
+    return 1;
+  }
   const meter = new QemuProgress(progress, out, 2);
   meter.print(0, 100);
   try {
-    return await run({ file: parsed.positional[0]!, fmt, backing, backingFmt, unsafe, cache, srcCache }, meter, err);
+    return await run(
+      {
+        file: source.file,
+        fmt: source.format ?? fmt,
+        backing,
+        backingFmt,
+        unsafe,
+        cache,
+        srcCache,
+        ...(source.passphrase ? { passphrase: source.passphrase } : {}),
+        name: source.name,
+      },
+      meter,
+      err,
+    );
   } finally {
     meter.end();
   }
@@ -130,9 +159,13 @@ async function run(args: RebaseArgs, meter: QemuProgress, err: (text: string) =>
   let image: Qcow2Image | undefined;
   if (format === "qcow2") {
     try {
-      image = await Qcow2Image.open(file, { readOnly: false, backing: unsafe ? "none" : "open" });
+      image = await Qcow2Image.open(file, { readOnly: false, backing: unsafe ? "none" : "open", ...(args.passphrase ? { passphrase: args.passphrase } : {}) });
     } catch (e) {
-      return fail(await describeImageOpenError(file, e));
+      return fail(await describeImageOpenError(args.name ?? file, e));
+    }
+    if (image.header.cryptMethod !== 0 && args.passphrase === undefined) {
+      await image.close();
+      return fail(`Could not open '${args.name ?? file}': Parameter 'encrypt.key-secret' is required for cipher`);
     }
   }
   let newBacking: GuestDevice | undefined;
