@@ -25,6 +25,7 @@ import {
   splitOptions,
   type OptionDesc,
   type OptionSet,
+  QCOW2_COMMON_OPTIONS,
 } from "./create.js";
 import { describeOpenError, probeFormat, resolveFormat } from "./map.js";
 
@@ -42,14 +43,7 @@ const LUKS_AMEND_OPTIONS: OptionDesc[] = [
 /** block/qcow2.c qcow2_amend_opts, in table order (the order qcow2_amend_options reads them in). */
 const QCOW2_AMEND_OPTIONS: OptionDesc[] = [
   ...LUKS_AMEND_OPTIONS.map((d) => ({ ...d, name: `encrypt.${d.name}` })),
-  { name: "size", type: "size", help: "Virtual disk size" },
-  { name: "compat", type: "str", help: "Compatibility level (v2 [0.10] or v3 [1.1])" },
-  { name: "backing_file", type: "str", help: "File name of a base image" },
-  { name: "backing_fmt", type: "str", help: "Image format of the base image" },
-  { name: "data_file", type: "str", help: "File name of an external data file" },
-  { name: "data_file_raw", type: "bool", help: "The external data file must stay valid as a raw image" },
-  { name: "lazy_refcounts", type: "bool", help: "Postpone refcount updates", def: "off" },
-  { name: "refcount_bits", type: "num", help: "Width of a reference count entry in bits", def: "16" },
+  ...QCOW2_COMMON_OPTIONS,
 ];
 
 /** bdrv_parse_cache_mode's names. */

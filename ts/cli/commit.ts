@@ -14,7 +14,7 @@ import { describeImageOpenError, findBackingImage } from "./backing-chain.js";
 import { qemuGetopt, type LongOption } from "./getopt.js";
 import { describeOpenError, probeFormat, resolveFormat } from "./map.js";
 import { CACHE_MODES, cvtnum } from "./options.js";
-import { imageSource, OptionsError, type ImageSource } from "./image-opts.js";
+import { imageSourceOrReport } from "./image-opts.js";
 import { QemuProgress } from "./qemu-progress.js";
 
 export const COMMIT_USAGE = "commit [-q] [-f fmt] [-t cache] [-b base] [-r rate_limit] [-d] [-p] filename";
@@ -82,14 +82,8 @@ export async function commit(argv: string[], out: (text: string) => void, err: (
     err(`qcow2-img: ${message}\n`);
     return 1;
   };
-  let source: ImageSource;
-  try {
-    source = await imageSource(parsed.positional[0]!, { objects, imageOpts, format: undefined });
-    if (imageOpts && fmt !== undefined) throw new OptionsError("--image-opts and --format are mutually exclusive");
-  } catch (e) {
-    if (!(e instanceof OptionsError)) throw e;
-    return fail(e.message);
-  }
+  const source = await imageSourceOrReport(parsed.positional[0]!, { objects, imageOpts, formatArg: fmt }, err);
+  if (!source) return 1;
   const file = source.file;
   fmt = source.format ?? fmt;
   if (!CACHE_MODES.has(cache)) return fail(`Invalid cache option: ${cache}`);

@@ -38,6 +38,18 @@ export interface OptionDesc {
   def?: string;
 }
 
+/** block/qcow2.c QCOW_COMMON_OPTIONS: the tail of both the create and the amend tables. */
+export const QCOW2_COMMON_OPTIONS: readonly OptionDesc[] = [
+  { name: "size", type: "size", help: "Virtual disk size" },
+  { name: "compat", type: "str", help: "Compatibility level (v2 [0.10] or v3 [1.1])" },
+  { name: "backing_file", type: "str", help: "File name of a base image" },
+  { name: "backing_fmt", type: "str", help: "Image format of the base image" },
+  { name: "data_file", type: "str", help: "File name of an external data file" },
+  { name: "data_file_raw", type: "bool", help: "The external data file must stay valid as a raw image" },
+  { name: "lazy_refcounts", type: "bool", help: "Postpone refcount updates", def: "off" },
+  { name: "refcount_bits", type: "num", help: "Width of a reference count entry in bits", def: "16" },
+];
+
 /** block/qcow2.c qcow2_create_opts, in table order (the Formatting line follows it). */
 const QCOW2_OPTIONS: OptionDesc[] = [
   { name: "encryption", type: "bool", help: "Encrypt the image with format 'aes'. (Deprecated in favor of encrypt.format=aes)" },
@@ -53,14 +65,7 @@ const QCOW2_OPTIONS: OptionDesc[] = [
   { name: "extended_l2", type: "bool", help: "Extended L2 tables", def: "off" },
   { name: "preallocation", type: "str", help: "Preallocation mode (allowed values: off, metadata, falloc, full)" },
   { name: "compression_type", type: "str", help: "Compression method used for image cluster compression", def: "zlib" },
-  { name: "size", type: "size", help: "Virtual disk size" },
-  { name: "compat", type: "str", help: "Compatibility level (v2 [0.10] or v3 [1.1])" },
-  { name: "backing_file", type: "str", help: "File name of a base image" },
-  { name: "backing_fmt", type: "str", help: "Image format of the base image" },
-  { name: "data_file", type: "str", help: "File name of an external data file" },
-  { name: "data_file_raw", type: "bool", help: "The external data file must stay valid as a raw image" },
-  { name: "lazy_refcounts", type: "bool", help: "Postpone refcount updates", def: "off" },
-  { name: "refcount_bits", type: "num", help: "Width of a reference count entry in bits", def: "16" },
+  ...QCOW2_COMMON_OPTIONS,
 ];
 
 /** block/raw-format.c raw_create_opts. */

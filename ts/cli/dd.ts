@@ -16,7 +16,7 @@ import { describeOpenError, ImageView } from "./map.js";
 import { cvtnumFull } from "./options.js";
 import { errnoText, strerror } from "./errno.js";
 import { localPath } from "./protocol.js";
-import { imageSource, OptionsError, requireSecret, type ImageSource } from "./image-opts.js";
+import { imageSourceOrReport, requireSecret } from "./image-opts.js";
 import { Qcow2Image } from "../image/qcow2-image.js";
 
 export const DD_USAGE =
@@ -109,15 +109,8 @@ export async function dd(argv: string[], out: (text: string) => void, err: (text
   }
 
   // With --image-opts the input (only) is an option string naming the file and its secret.
-  let inSource: ImageSource;
-  try {
-    inSource = await imageSource(input, { objects, imageOpts, format: undefined });
-    if (imageOpts && fmt !== undefined) throw new OptionsError("--image-opts and --format are mutually exclusive");
-  } catch (e) {
-    if (!(e instanceof OptionsError)) throw e;
-    err(`qcow2-img: ${e.message}\n`);
-    return 1;
-  }
+  const inSource = await imageSourceOrReport(input, { objects, imageOpts, formatArg: fmt }, err);
+  if (!inSource) return 1;
   const inPath = localPath(inSource.file, true);
   if (!inPath.ok) {
     err(`qcow2-img: ${inPath.message}\n`);

@@ -194,3 +194,22 @@ export function requireSecret(source: ImageSource, cryptMethod: number): void {
     throw new OptionsError(`Could not open '${source.name}': Parameter 'encrypt.key-secret' is required for cipher`);
   }
 }
+
+/**
+ * imageSource for a command line: `formatArg` is the -f given (qemu refuses it with --image-opts);
+ * on a bad option qemu's error is printed and undefined returned.
+ */
+export async function imageSourceOrReport(
+  arg: string,
+  options: { objects: readonly string[]; imageOpts: boolean; formatArg: string | undefined },
+  err: (text: string) => void,
+): Promise<ImageSource | undefined> {
+  try {
+    if (options.imageOpts && options.formatArg !== undefined) throw new OptionsError("--image-opts and --format are mutually exclusive");
+    return await imageSource(arg, { objects: options.objects, imageOpts: options.imageOpts, format: undefined });
+  } catch (e) {
+    if (!(e instanceof OptionsError)) throw e;
+    err(`qcow2-img: ${e.message}\n`);
+    return undefined;
+  }
+}

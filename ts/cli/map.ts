@@ -16,7 +16,7 @@ import { formatMapHumanRow, MAP_HUMAN_HEADER, mapEntries, mapEntryJson, type Map
 import { parseArgs, UsageError } from "./args.js";
 import { openDevice } from "./open.js";
 import { errnoText } from "./errno.js";
-import { imageSource, OptionsError, requireSecret, type ImageSource } from "./image-opts.js";
+import { imageSourceOrReport, OptionsError, requireSecret } from "./image-opts.js";
 import { cvtnum } from "./options.js";
 
 export const MAP_USAGE = "map [-f fmt] [--output=ofmt] [--start-offset=offset] [--max-length=len] [-U] filename";
@@ -296,19 +296,12 @@ export async function map(argv: string[], out: (text: string) => void, err: (tex
     err("qcow2-img: --output must be used with human or json as argument.\n");
     return 1;
   }
-  let source: ImageSource;
-  try {
-    source = await imageSource(file, {
-      objects: args.all.get("--object") ?? [],
-      imageOpts: args.flags.has("--image-opts"),
-      format: undefined,
-    });
-    if (args.flags.has("--image-opts") && args.values.get("-f") !== undefined) throw new OptionsError("--image-opts and --format are mutually exclusive");
-  } catch (e) {
-    if (!(e instanceof OptionsError)) throw e;
-    err(`qcow2-img: ${e.message}\n`);
-    return 1;
-  }
+  const source = await imageSourceOrReport(
+    file,
+    { objects: args.all.get("--object") ?? [], imageOpts: args.flags.has("--image-opts"), formatArg: args.values.get("-f") },
+    err,
+  );
+  if (!source) return 1;
   let view: ImageView;
   try {
     view = await ImageView.open(source.file, source.format ?? args.values.get("-f"), { rawHoles: true, ...(source.passphrase ? { passphrase: source.passphrase } : {}) });

@@ -19,7 +19,7 @@ import { describeOpenError, probeFormat, qemuBackingName, resolveFormat } from "
 import { openDevice } from "./open.js";
 import { QemuProgress } from "./qemu-progress.js";
 import { CACHE_MODES } from "./options.js";
-import { imageSource, OptionsError, type ImageSource } from "./image-opts.js";
+import { imageSourceOrReport } from "./image-opts.js";
 
 export const REBASE_USAGE = "rebase [-U] [-q] [-f fmt] [-t cache] [-T src_cache] [-p] [-u] -b backing_file [-F backing_fmt] filename";
 
@@ -105,15 +105,8 @@ export async function rebase(argv: string[], out: (text: string) => void, err: (
   if (quiet) progress = false;
   if (parsed.positional.length !== 1) throw new UsageError("Expecting one image file name");
   if (!unsafe && backing === undefined) throw new UsageError("Must specify backing file (-b) or use unsafe mode (-u)");
-  let source: ImageSource;
-  try {
-    source = await imageSource(parsed.positional[0]!, { objects, imageOpts, format: undefined });
-    if (imageOpts && fmt !== undefined) throw new OptionsError("--image-opts and --format are mutually exclusive");
-  } catch (e) {
-    if (!(e instanceof OptionsError)) throw e;
-    err(`qcow2-img: ${e.message}\n`);
-    return 1;
-  }
+  const source = await imageSourceOrReport(parsed.positional[0]!, { objects, imageOpts, formatArg: fmt }, err);
+  if (!source) return 1;
   const meter = new QemuProgress(progress, out, 2);
   meter.print(0, 100);
   try {

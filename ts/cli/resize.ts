@@ -10,7 +10,7 @@ import { Qcow2Image } from "../image/qcow2-image.js";
 import { parseArgs, UsageError } from "./args.js";
 import { describeOpenError, probeFormat, resolveFormat } from "./map.js";
 import { strtosz } from "./options.js";
-import { imageSource, OptionsError, requireSecret, type ImageSource } from "./image-opts.js";
+import { imageSourceOrReport, requireSecret, type ImageSource } from "./image-opts.js";
 
 export const RESIZE_USAGE = "resize [-f fmt] [--preallocation=prealloc] [-q] [--shrink] filename [+ | -]size";
 
@@ -48,15 +48,12 @@ export async function resize(argv: string[], out: (text: string) => void, err: (
     prealloc = preallocArg as Prealloc;
   }
   if (args.positional.length !== 1) throw new UsageError("Expecting image file name and size");
-  let source: ImageSource;
-  try {
-    source = await imageSource(args.positional[0]!, { objects: args.all.get("--object") ?? [], imageOpts: args.flags.has("--image-opts"), format: undefined });
-    if (args.flags.has("--image-opts") && args.values.get("-f") !== undefined) throw new OptionsError("--image-opts and --format are mutually exclusive");
-  } catch (e) {
-    if (!(e instanceof OptionsError)) throw e;
-    err(`qcow2-img: ${e.message}\n`);
-    return 1;
-  }
+  const source = await imageSourceOrReport(
+    args.positional[0]!,
+    { objects: args.all.get("--object") ?? [], imageOpts: args.flags.has("--image-opts"), formatArg: args.values.get("-f") },
+    err,
+  );
+  if (!source) return 1;
   const file = source.file;
   const quiet = args.flags.has("-q");
   const shrink = args.flags.has("--shrink");

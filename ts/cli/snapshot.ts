@@ -12,7 +12,7 @@ import { formatSnapshotList, qemuSnapshotInfo } from "../ops/info.js";
 import { UsageError } from "./args.js";
 import { qemuGetopt } from "./getopt.js";
 import { describeOpenError, probeFormat } from "./map.js";
-import { imageSource, OptionsError, requireSecret, type ImageSource } from "./image-opts.js";
+import { imageSourceOrReport, requireSecret } from "./image-opts.js";
 
 export const SNAPSHOT_USAGE = "snapshot [--object objectdef] [--image-opts] [-U] [-q] [-l | -a snapshot | -c snapshot | -d snapshot] filename";
 
@@ -73,14 +73,8 @@ export async function snapshot(argv: string[], out: (text: string) => void, err:
   if (parsed.error) throw parsed.error;
   if (parsed.positional.length !== 1) throw new UsageError("Expecting one image file name");
   const writable = action !== undefined && action.kind !== "list";
-  let source: ImageSource;
-  try {
-    source = await imageSource(parsed.positional[0]!, { objects, imageOpts, format: undefined });
-  } catch (e) {
-    if (!(e instanceof OptionsError)) throw e;
-    err(`qcow2-img: ${e.message}\n`);
-    return 1;
-  }
+  const source = await imageSourceOrReport(parsed.positional[0]!, { objects, imageOpts, formatArg: undefined }, err);
+  if (!source) return 1;
   const file = source.file;
 
   let format: "qcow2" | "raw";
