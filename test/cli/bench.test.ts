@@ -5,13 +5,13 @@
 // No timing is compared. The engine's flush arithmetic is checked against qemu's bench_cb rules.
 
 import { spawnSync } from "node:child_process";
-import { closeSync, copyFileSync, mkdirSync, openSync, readFileSync, readSync, writeFileSync, writeSync } from "node:fs";
+import { copyFileSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import path from "node:path";
 import { beforeAll, describe, expect, it } from "vitest";
 import { bench } from "../../ts/cli/bench.js";
 import { bench as runBench, BenchError, type BenchTarget } from "../../ts/ops/bench.js";
 import { runOurs, runQemuImg, type CliResult } from "../helpers/cli.js";
-import { describeQemu, qemuImg, qemuIo, randomBytes, rng, tempDir } from "../helpers/qemu.js";
+import { breakCompressedCluster, describeQemu, qemuImg, qemuIo, randomBytes, rng, tempDir } from "../helpers/qemu.js";
 
 const RUN_LINE = /^Run completed in \d+\.\d{3} seconds\.$/;
 
@@ -257,26 +257,6 @@ describeQemu("qcow2-img bench", () => {
     expect(help.stdout).toMatch(/^usage: qcow2-img bench \[-c count\]/);
   });
 });
-
-/** Overwrite the start of guest cluster 0's compressed stream with 0xff, so that it no longer inflates. */
-function breakCompressedCluster(file: string): void {
-  const fd = openSync(file, "r+");
-  try {
-    const at = (pos: number, bytes: number): Buffer => {
-      const b = Buffer.alloc(bytes);
-      readSync(fd, b, 0, bytes, pos);
-      return b;
-    };
-    const clusterBits = at(20, 4).readUInt32BE(0);
-    const l1 = Number(at(40, 8).readBigUInt64BE(0));
-    const l2 = Number(at(l1, 8).readBigUInt64BE(0) & 0x00fffffffffffe00n);
-    const entry = at(l2, 8).readBigUInt64BE(0);
-    const hostOffset = Number(entry & ((1n << BigInt(62 - (clusterBits - 8))) - 1n));
-    writeSync(fd, Buffer.alloc(64, 0xff), 0, 64, hostOffset);
-  } finally {
-    closeSync(fd);
-  }
-}
 
 describe("bench engine", () => {
   /** A device that completes in issue order and records what it was asked. */

@@ -6,13 +6,13 @@
 // data, zero and compressed clusters, a backing chain, raw files of odd size.
 
 import { spawnSync } from "node:child_process";
-import { closeSync, copyFileSync, existsSync, mkdirSync, openSync, readFileSync, readSync, rmSync, writeFileSync, writeSync } from "node:fs";
+import { copyFileSync, existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import path from "node:path";
 import { beforeAll, expect, it } from "vitest";
 import { dd } from "../../ts/cli/dd.js";
 import { ddPlan } from "../../ts/ops/dd.js";
 import { runOurs, runQemuImg, type CliResult } from "../helpers/cli.js";
-import { allocationLayout, describeQemu, qemuImg, qemuIo, randomBytes, rng, tempDir } from "../helpers/qemu.js";
+import { allocationLayout, breakCompressedCluster, describeQemu, qemuImg, qemuIo, randomBytes, rng, tempDir } from "../helpers/qemu.js";
 
 describeQemu("qcow2-img dd", () => {
   const dir = tempDir("qcow2-clidd-");
@@ -209,26 +209,6 @@ describeQemu("qcow2-img dd", () => {
     expect(readFileSync(at("same-ours.raw")).equals(readFileSync(at("same-qemu.raw")))).toBe(true);
   }, 120_000);
 });
-
-/** Overwrite the start of guest cluster 0's compressed stream with 0xff, so that it no longer inflates. */
-function breakCompressedCluster(file: string): void {
-  const fd = openSync(file, "r+");
-  try {
-    const at = (pos: number, bytes: number): Buffer => {
-      const b = Buffer.alloc(bytes);
-      readSync(fd, b, 0, bytes, pos);
-      return b;
-    };
-    const clusterBits = at(20, 4).readUInt32BE(0);
-    const l1 = Number(at(40, 8).readBigUInt64BE(0));
-    const l2 = Number(at(l1, 8).readBigUInt64BE(0) & 0x00fffffffffffe00n);
-    const entry = at(l2, 8).readBigUInt64BE(0);
-    const hostOffset = Number(entry & ((1n << BigInt(62 - (clusterBits - 8))) - 1n));
-    writeSync(fd, Buffer.alloc(64, 0xff), 0, 64, hostOffset);
-  } finally {
-    closeSync(fd);
-  }
-}
 
 /** The -O value qemu-img would use (the last one; raw by default). */
 function outputFormat(args: string[]): string {

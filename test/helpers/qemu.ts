@@ -2,7 +2,7 @@
 // are missing they are skipped with a visible notice, except under CI, where they must run.
 
 import { execFileSync, spawnSync } from "node:child_process";
-import { mkdtempSync, rmSync } from "node:fs";
+import { closeSync, mkdtempSync, openSync, readSync, rmSync, writeSync } from "node:fs";
 import { tmpdir } from "node:os";
 import path from "node:path";
 import { afterAll, describe } from "vitest";
@@ -83,5 +83,25 @@ export function qemuCreateEncrypted(args: string[]): void {
     } catch (e) {
       if (attempt >= 30 || !String((e as { stderr?: Buffer }).stderr).includes("Unable to get accurate CPU usage")) throw e;
     }
+  }
+}
+
+/** Overwrite the start of guest cluster 0's compressed stream with 0xff, so that it no longer inflates. */
+export function breakCompressedCluster(file: string): void {
+  const fd = openSync(file, "r+");
+  try {
+    const at = (pos: number, bytes: number): Buffer => {
+      const b = Buffer.alloc(bytes);
+      readSync(fd, b, 0, bytes, pos);
+      return b;
+    };
+    const clusterBits = at(20, 4).readUInt32BE(0);
+    const l1 = Number(at(40, 8).readBigUInt64BE(0));
+    const l2 = Number(at(l1, 8).readBigUInt64BE(0) & 0x00fffffffffffe00n);
+    const entry = at(l2, 8).readBigUInt64BE(0);
+    const hostOffset = Number(entry & ((1n << BigInt(62 - (clusterBits - 8))) - 1n));
+    writeSync(fd, Buffer.alloc(64, 0xff), 0, 64, hostOffset);
+  } finally {
+    closeSync(fd);
   }
 }
